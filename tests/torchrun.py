@@ -1,0 +1,32 @@
+"""Run a script under `torchrun` with gloo on CPU and fail the test with its output if it fails.
+
+Multi-process tests are written as plain scripts (tests/dist/*.py) that assert on every rank and
+exit non-zero on failure; the pytest side only launches them. A timeout turns a hang into a failure.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
+             env: dict | None = None) -> str:
+    """Launch `script` on `nproc` local processes; return its combined output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"torchrun {script} timed out after {timeout}s\n{out[-8000:]}")
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {proc.returncode}\n{out[-12000:]}")
+    return out
