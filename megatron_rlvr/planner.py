@@ -1,0 +1,444 @@
+"""Memory and layout planner: will this model train at this layout on these GPUs, and which layouts do?
+
+Everything is counted per GPU, in bytes, for the stage of the pipeline that needs the most. The
+model (every assumption is a number you can see in the code and in docs/scaling.md):
+
+Parameters: exact counts from the Hugging Face config (embedding, per-layer attention with q/k norms
+and biases as the family has them, SwiGLU MLP, norms, untied output layer), split the way
+Megatron-Core splits them: linear weights and column-parallel biases over TP, norms and
+row-parallel biases replicated, the vocabulary padded to a multiple of tp (x `vocab_divisor`); the
+first pipeline stage holds the embedding, the last the final norm and output layer (a tied
+embedding is copied onto the last stage when pp > 1, as Megatron does).
+
+Training state (Megatron mixed precision with the distributed optimizer):
+  2 bytes/param bf16 weights + 4 bytes/param fp32 gradient buffer (Megatron accumulates and
+  reduces bf16 gradients in fp32) + 12 bytes/param (fp32 main weights, Adam m and v) sharded over
+  the dp x cp ranks that reduce those gradients: 6 + 12 / (dp * cp) bytes per parameter.
+
+Activations per transformer layer, per token, in bytes (bf16), t = tp when sequence parallelism is
+on (Megatron on GPU; norms and residual-path tensors are sharded over TP) and TP-sharded only for
+the head/FFN dimensions otherwise. This is Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", eq. 2) re-derived for what our layer stores: no
+dropout, flash attention (TE; no s x s score matrix, a float32 log-sum-exp per head instead),
+GQA projections, Qwen3 q/k norms and a SwiGLU MLP:
+  attention: norm input 2h + QKV input 2h                     (both /t with SP)
+             QKV output 2(a + 2g)d, q/k-norm inputs 2(a + g)d  (Qwen3 only), attention out 2ad,
+             log-sum-exp 4a                                     (all /tp)
+  MLP:       norm input 2h + FC1 input 2h                       (both /t with SP)
+             FC1 output (gate and up) 4f + SwiGLU output 2f    (/tp)
+with h hidden, a query heads, g KV heads, d head dim, f FFN size. With full recomputation
+(Megatron's "full, uniform, 1 layer") a layer keeps only its input (2h/t per token) and one layer
+at a time holds its whole activations during its backward. 1F1B pipelining keeps pp - stage
+micro-batches in flight on a stage (fewer if a step has fewer micro-batches); context parallelism
+divides the tokens of a sequence by cp.
+
+Log-probs and entropy (ops/entropy.py, fused, chunked over tokens): its float32 working buffers
+are about 3 x chunk x V/tp x 4 bytes (the shifted logits and their exponentials in forward, the
+log-probs and gradient in backward, plus the bf16 chunk of logits; 3 rounds that up), with
+chunk x V/tp = 2^26 elements by default on GPU, plus the final hidden states it keeps for backward
+(2h per token) and four float32 statistics per token.
+
+Colocated vLLM engine (one per vllm_tp GPUs): its bf16 weights split over vllm_tp, plus a KV cache
+of 2 (K and V) x layers x max(1, g / vllm_tp) x d x 2 bytes per token for rollout_seqs_per_gpu x
+vllm_tp sequences of seq_len tokens (a worst case: vLLM pages the cache by actual length, so it
+admits more sequences when most responses end early). Two phases share the GPU: training (vLLM keeps its weights, frees its KV cache)
+and rollout (training activations freed; weights, gradient buffer and optimizer stay resident).
+The peak is the larger phase plus `overhead_gib` for the CUDA context, NCCL buffers and allocator
+fragmentation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+
+GIB = 1024 ** 3
+TP_SIZES = (1, 2, 4, 8)
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+# ----------------------------------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions and bias/norm switches of a Llama-style decoder, read from config.json."""
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    tied: bool
+    qkv_bias: bool   # bias on the q, k and v projections
+    o_bias: bool     # bias on the attention output projection
+    mlp_bias: bool   # bias on gate, up and down projections
+    qk_norm: bool    # Qwen3's per-head RMSNorm on q and k
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, where: str = "config") -> "Shape":
+        model_type = cfg.get("model_type")
+        if model_type not in FAMILIES:
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported by the planner "
+                             f"(supported: {', '.join(FAMILIES)})")
+        try:
+            heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+            attention_bias = bool(cfg.get("attention_bias", False))
+            shape = cls(
+                model_type=model_type, vocab=int(cfg["vocab_size"]), hidden=hidden,
+                layers=int(cfg["num_hidden_layers"]), heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                ffn=int(cfg["intermediate_size"]),
+                tied=bool(cfg.get("tie_word_embeddings", False)),
+                # Qwen2 always has q/k/v biases and none on o_proj; Llama and Qwen3 put
+                # `attention_bias` on all four projections.
+                qkv_bias=True if model_type == "qwen2" else attention_bias,
+                o_bias=False if model_type == "qwen2" else attention_bias,
+                mlp_bias=bool(cfg.get("mlp_bias", False)) if model_type == "llama" else False,
+                qk_norm=model_type == "qwen3")
+        except KeyError as e:
+            raise ValueError(f"{where}: missing required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: a dimension is not an integer ({e})") from None
+        for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn"):
+            if getattr(shape, name) <= 0:
+                raise ValueError(f"{where}: {name} must be positive, got {getattr(shape, name)}")
+        if shape.heads % shape.kv_heads:
+            raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={shape.kv_heads}")
+        return shape
+
+    def layout_problems(self, tp: int, pp: int) -> list[str]:
+        """Why Megatron cannot split this model as tp x pp (empty when it can)."""
+        out = []
+        for name, n in (("num_attention_heads", self.heads), ("num_key_value_heads", self.kv_heads),
+                        ("intermediate_size", self.ffn)):
+            if n % tp:
+                out.append(f"{name}={n} is not divisible by tp={tp}")
+        if self.layers % pp:
+            out.append(f"num_hidden_layers={self.layers} is not divisible by pp={pp}")
+        return out
+
+
+def vocab_rows(shape: Shape, tp: int, vocab_divisor: int = 1) -> int:
+    """Embedding rows: the vocabulary padded to a multiple of tp * vocab_divisor."""
+    m = tp * vocab_divisor
+    return math.ceil(shape.vocab / m) * m
+
+
+def layer_params(shape: Shape, tp: int = 1) -> int:
+    """Parameters of one transformer layer held by one of tp tensor-parallel ranks."""
+    h, d, a, g, f = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads, shape.ffn
+    qkv = h * (a + 2 * g) * d + (a + 2 * g) * d * shape.qkv_bias     # column parallel
+    out = a * d * h                                                    # row parallel
+    mlp = 3 * h * f + 2 * f * shape.mlp_bias                           # gate+up column, down row
+    sharded = (qkv + out + mlp) // tp
+    replicated = 2 * h + 2 * d * shape.qk_norm + h * shape.o_bias + h * shape.mlp_bias
+    return sharded + replicated
+
+
+def stage_params(shape: Shape, tp: int = 1, pp: int = 1, stage: int = 0,
+                 vocab_divisor: int = 1) -> int:
+    """Parameters one GPU of pipeline stage `stage` holds (TP rank's share)."""
+    rows = vocab_rows(shape, tp, vocab_divisor)
+    n = shape.layers // pp * layer_params(shape, tp)
+    if stage == 0:
+        n += rows * shape.hidden // tp
+    if stage == pp - 1:
+        n += shape.hidden                                      # final norm
+        if not shape.tied or pp > 1:                           # output layer (or tied copy)
+            n += rows * shape.hidden // tp
+    return n
+
+
+def total_params(shape: Shape) -> int:
+    """The model's parameter count as Hugging Face counts it (no padding, tied weights once)."""
+    return stage_params(shape, tp=1, pp=1, stage=0, vocab_divisor=1)
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    vllm_tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_len: int                      # prompt + response tokens of one sequence
+    micro_batch: int = 1              # sequences per micro-batch
+    recompute: bool = True            # Megatron full activation recomputation
+    sequence_parallel: bool = True    # Megatron SP whenever tp > 1 (GPU, Transformer-Engine)
+    num_microbatches: int | None = None  # per DP rank per optimizer step; None: at least pp
+    rollout_seqs_per_gpu: int = 4     # full-length sequences in flight per GPU of a vLLM engine
+    overhead_gib: float = 4.0         # CUDA context, NCCL buffers, allocator fragmentation
+    vocab_divisor: int = 1
+    logits_chunk_elements: int = 1 << 26   # ops/entropy.py's GPU chunk (tokens x V/tp)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on one GPU of the stage that needs the most."""
+    stage: int
+    params: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    logits: int
+    vllm_weights: int
+    kv_cache: int
+    kv_per_seq: int
+    overhead: int
+
+    @property
+    def resident(self) -> int:
+        """What stays allocated in both phases."""
+        return self.weights + self.grads + self.optimizer + self.vllm_weights + self.overhead
+
+    @property
+    def train(self) -> int:
+        return self.resident + self.activations + self.logits
+
+    @property
+    def rollout(self) -> int:
+        return self.resident + self.kv_cache
+
+    @property
+    def peak(self) -> int:
+        return max(self.train, self.rollout)
+
+
+def activation_bytes_per_token(shape: Shape, tp: int, sequence_parallel: bool) -> int:
+    """One layer's stored activations per token (no recomputation); see the module docstring."""
+    h, d, a, g, f = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads, shape.ffn
+    t_sp = tp if sequence_parallel else 1
+    residual_path = (2 * h + 2 * h) * 2 // t_sp          # norm input + linear input, attn and MLP
+    attention = 2 * (a + 2 * g) * d + 2 * (a + g) * d * shape.qk_norm + 2 * a * d + 4 * a
+    mlp = 4 * f + 2 * f
+    return residual_path + (attention + mlp) // tp
+
+
+def memory(shape: Shape, layout: Layout, work: Workload) -> Memory:
+    """Per-GPU memory of every pipeline stage; returns the stage with the highest peak."""
+    return max((_stage_memory(shape, layout, work, s) for s in range(layout.pp)),
+               key=lambda m: m.peak)
+
+
+def _stage_memory(shape: Shape, lay: Layout, work: Workload, stage: int) -> Memory:
+    tp, pp = lay.tp, lay.pp
+    p = stage_params(shape, tp, pp, stage, work.vocab_divisor)
+    shards = lay.dp * lay.cp
+    tokens = work.micro_batch * work.seq_len // lay.cp          # one micro-batch on this GPU
+    in_flight = pp - stage
+    if work.num_microbatches is not None:
+        in_flight = min(in_flight, work.num_microbatches)
+    per_layer = activation_bytes_per_token(shape, tp, work.sequence_parallel) * tokens
+    layers = shape.layers // pp
+    if work.recompute:
+        t_sp = tp if work.sequence_parallel else 1
+        kept = layers * in_flight * tokens * 2 * shape.hidden // t_sp
+        activations = kept + per_layer
+    else:
+        activations = layers * in_flight * per_layer
+    logits = 0
+    if stage == pp - 1:
+        v_local = vocab_rows(shape, tp, work.vocab_divisor) // tp
+        chunk_tokens = max(1, work.logits_chunk_elements // v_local)
+        logits = 3 * min(chunk_tokens, tokens) * v_local * 4 + tokens * (2 * shape.hidden + 16)
+    vllm_weights = 2 * stage_params(shape, lay.vllm_tp, 1, 0, work.vocab_divisor)
+    kv_per_seq = (2 * shape.layers * max(1, shape.kv_heads // lay.vllm_tp) * shape.head_dim * 2
+                  * work.seq_len)
+    return Memory(stage=stage, params=p, weights=2 * p, grads=4 * p,
+                  optimizer=math.ceil(12 * p / shards), activations=activations, logits=logits,
+                  vllm_weights=vllm_weights,
+                  kv_cache=kv_per_seq * work.rollout_seqs_per_gpu * lay.vllm_tp,
+                  kv_per_seq=kv_per_seq, overhead=int(work.overhead_gib * GIB))
+
+
+def layout_problems(shape: Shape, layout: Layout, gpus_per_node: int | None = None) -> list[str]:
+    """Why a layout cannot run (empty when it can)."""
+    out = shape.layout_problems(layout.tp, layout.pp)
+    if shape.heads % layout.vllm_tp:
+        out.append(f"num_attention_heads={shape.heads} is not divisible by vllm_tp={layout.vllm_tp}")
+    if layout.world % layout.vllm_tp:
+        out.append(f"world size {layout.world} is not a multiple of vllm_tp={layout.vllm_tp}")
+    if gpus_per_node is not None:
+        for name in ("tp", "vllm_tp"):
+            if getattr(layout, name) > gpus_per_node:
+                out.append(f"{name}={getattr(layout, name)} spans nodes "
+                           f"(gpus_per_node={gpus_per_node})")
+    return out
+
+
+def fits(shape: Shape, layout: Layout, work: Workload, gpu_memory_gib: float) -> bool:
+    """True when the layout is valid and its peak per-GPU memory is within gpu_memory_gib."""
+    return (not layout_problems(shape, layout)
+            and memory(shape, layout, work).peak <= gpu_memory_gib * GIB)
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    memory: Memory
+    gpu_memory: int = field(repr=False)
+
+    @property
+    def max_rollout_seqs(self) -> int:
+        """Full-length sequences one vLLM engine's KV cache could hold in the room left."""
+        return max(0, (self.gpu_memory - self.memory.resident) // self.memory.kv_per_seq)
+
+
+def suggest_layouts(shape: Shape, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
+                    work: Workload) -> list[Plan]:
+    """Every layout of nodes x gpus_per_node GPUs that fits, cheapest first.
+
+    tp and vllm_tp range over 1, 2, 4, 8 within a node; pp over divisors of the layer count;
+    cp over powers of two; dp takes the rest. Cheapest first means: the smallest model-parallel
+    group tp*pp*cp (the most data-parallel replicas and the least communication per token), then
+    the smallest pp (pipeline bubbles), then the smallest cp (ring attention traffic), then the
+    smallest tp. Each training layout is listed once, with the smallest vllm_tp that fits (more,
+    smaller engines generate more tokens per GPU).
+    """
+    world = nodes * gpus_per_node
+    plans = []
+    for tp in (t for t in TP_SIZES if t <= gpus_per_node):
+        for pp in (p for p in range(1, shape.layers + 1) if shape.layers % p == 0):
+            cp = 1
+            while tp * pp * cp <= world:
+                if world % (tp * pp * cp) == 0:
+                    for vtp in (v for v in TP_SIZES if v <= gpus_per_node):
+                        lay = Layout(tp, pp, cp, world // (tp * pp * cp), vtp)
+                        if layout_problems(shape, lay, gpus_per_node):
+                            continue
+                        mem = memory(shape, lay, work)
+                        if mem.peak <= gpu_memory_gib * GIB:
+                            plans.append(Plan(lay, mem, int(gpu_memory_gib * GIB)))
+                            break
+                cp *= 2
+    return sorted(plans, key=lambda p: (p.layout.tp * p.layout.pp * p.layout.cp, p.layout.pp,
+                                        p.layout.cp, p.layout.tp))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+_COLUMNS = ("tp", "pp", "cp", "dp", "vtp", "weights", "grads", "optim", "activ", "logits",
+            "vllm_w", "kv", "train", "rollout", "peak", "max_seqs")
+
+
+def _row(plan: Plan) -> list[str]:
+    lay, m = plan.layout, plan.memory
+    gib = [x / GIB for x in (m.weights, m.grads, m.optimizer, m.activations, m.logits,
+                             m.vllm_weights, m.kv_cache, m.train, m.rollout, m.peak)]
+    return ([str(x) for x in (lay.tp, lay.pp, lay.cp, lay.dp, lay.vllm_tp)]
+            + [f"{x:.1f}" for x in gib] + [str(plan.max_rollout_seqs)])
+
+
+def format_table(plans: list[Plan]) -> str:
+    """A fixed-width table; memory columns in GiB per GPU, for the stage with the highest peak."""
+    rows = [list(_COLUMNS)] + [_row(p) for p in plans]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_rlvr.planner",
+        description="Per-GPU memory of an RLVR run (Megatron policy + colocated vLLM) and the "
+                    "layouts that fit. With --tp, checks that one layout; without, lists the "
+                    "layouts of --nodes x --gpus-per-node that fit, cheapest first.")
+    p.add_argument("--hf-config", required=True, help="the model's Hugging Face config.json")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--tp", type=int, help="check this one layout (with --pp, --cp, --vllm-tp)")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--vllm-tp", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--response-len", type=int, default=20480)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--recompute", choices=("full", "none"), default="full")
+    p.add_argument("--no-sequence-parallel", action="store_true")
+    p.add_argument("--num-microbatches", type=int, help="per DP rank per step (default: >= pp)")
+    p.add_argument("--rollout-seqs-per-gpu", type=int, default=4,
+                   help="full-length sequences in flight per GPU of a vLLM engine (sizes its KV cache)")
+    p.add_argument("--overhead-gib", type=float, default=4.0)
+    p.add_argument("--top", type=int, default=15, help="rows to print when suggesting")
+    return p
+
+
+def _positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    _positive(p, args, "nodes", "gpus_per_node", "gpu_memory_gib", "tp", "pp", "cp", "vllm_tp",
+              "prompt_len", "response_len", "micro_batch", "num_microbatches", "rollout_seqs_per_gpu",
+              "top")
+    try:
+        with open(args.hf_config) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        p.error(f"cannot read --hf-config {args.hf_config}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        p.error(f"--hf-config {args.hf_config} is not valid JSON: {e}")
+    try:
+        shape = Shape.from_hf_config(cfg, args.hf_config)
+    except ValueError as e:
+        p.error(str(e))
+    work = Workload(seq_len=args.prompt_len + args.response_len, micro_batch=args.micro_batch,
+                    recompute=args.recompute == "full",
+                    sequence_parallel=not args.no_sequence_parallel,
+                    num_microbatches=args.num_microbatches,
+                    rollout_seqs_per_gpu=args.rollout_seqs_per_gpu,
+                    overhead_gib=args.overhead_gib)
+    world = args.nodes * args.gpus_per_node
+    print(f"{args.hf_config}: {total_params(shape) / 1e9:.2f}B parameters; {args.nodes} x "
+          f"{args.gpus_per_node} GPUs of {args.gpu_memory_gib:g} GiB; sequences of "
+          f"{work.seq_len} tokens, micro-batch {work.micro_batch}, recompute {args.recompute}, "
+          f"{work.rollout_seqs_per_gpu} full-length rollout sequences per vLLM GPU")
+    if args.tp is not None:
+        mp = args.tp * args.pp * args.cp
+        if world % mp:
+            p.error(f"tp*pp*cp={mp} does not divide {world} GPUs")
+        lay = Layout(args.tp, args.pp, args.cp, world // mp, args.vllm_tp)
+        problems = layout_problems(shape, lay, args.gpus_per_node)
+        if problems:
+            p.error("; ".join(problems))
+        plan = Plan(lay, memory(shape, lay, work), int(args.gpu_memory_gib * GIB))
+        print(format_table([plan]))
+        ok = plan.memory.peak <= plan.gpu_memory
+        print(f"stage {plan.memory.stage}: peak {plan.memory.peak / GIB:.1f} GiB -> "
+              + ("fits" if ok else "DOES NOT FIT"))
+        return 0 if ok else 1
+    plans = suggest_layouts(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gib, work)
+    if not plans:
+        print("no layout fits; try recompute, more nodes, a shorter response or fewer "
+              "rollout sequences")
+        return 1
+    print(format_table(plans[:args.top]))
+    print(f"{len(plans)} layouts fit; cheapest first (smallest tp*pp*cp, then pp, cp, tp; "
+          "each with its smallest vllm_tp that fits)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
