@@ -1,0 +1,228 @@
+"""Turn the paper's math data (Reasoning360 "guru" parquet files) into our training/eval parquet files.
+
+Input: local copies of three files of the LLM360/guru-RL-92k dataset (downloading is your step;
+the URLs are in --help). They are in verl's schema already (data_source, prompt as chat messages,
+ability, reward_model {ground_truth, style}, extra_info, plus other columns such as pass rates);
+this script keeps only the four columns the trainer reads, validates every row, and duplicates the
+AIME 2024 problems 32 times so that one validation pass scores avg@32 (30 problems -> 960 rows).
+The AIME file is published already repeated 8 times (240 rows); it is first collapsed to its
+distinct problems, so any repetition of it gives the same output.
+
+Every dropped row is reported with its file, row index and reason, with a count per reason, on
+stdout and in <out-dir>/prepare_math_report.json. Numbers given as ground truth (AIME answers
+are integers) are written as strings; any other non-string answer drops the row.
+
+    python examples/data/prepare_math.py --train math__combined_54.4k.parquet \
+        --aime math__aime_repeated_8x_240.parquet --math500 math__math_500.parquet --out-dir data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BASE_URL = "https://huggingface.co/datasets/LLM360/guru-RL-92k/resolve/main"
+URLS = {
+    "train": f"{BASE_URL}/train/math__combined_54.4k.parquet",
+    "aime": f"{BASE_URL}/offline_eval/math__aime_repeated_8x_240.parquet",
+    "math500": f"{BASE_URL}/offline_eval/math__math_500.parquet",
+}
+OUTPUT_NAMES = {  # the file names the seed paper's run scripts use
+    "train": "math__combined_54.4k.parquet",
+    "aime": "math__aime_repeated_32x_960.parquet",
+    "math500": "math__math_500.parquet",
+}
+REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model")
+ROLES = ("system", "user", "assistant")
+
+SCHEMA = pa.schema([
+    ("data_source", pa.string()),
+    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+    ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64()),
+                              ("repeat", pa.int64()), ("source_extra_info", pa.string())])),
+])
+
+
+class InputError(Exception):
+    """A problem with an input file as a whole (missing, unreadable, wrong columns)."""
+
+
+@dataclass
+class Report:
+    """What happened to one input file."""
+    name: str
+    path: str
+    rows_read: int = 0
+    rows_written: int = 0
+    dropped: list[tuple[int, str]] = field(default_factory=list)   # (row index, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.dropped).most_common())
+
+
+def read_rows(path: str, name: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise InputError(f"--{name}: file not found: {path} (download it from {URLS[name]})")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"--{name}: {path} is not a readable parquet file: {e}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"--{name}: {path} lacks required column(s) {missing}; "
+                         f"it has {table.column_names}")
+    keep = [c for c in (*REQUIRED_COLUMNS, "extra_info") if c in table.column_names]
+    return table.select(keep).to_pylist()
+
+
+def _messages(prompt) -> list[dict[str, str]]:
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("prompt is not a non-empty list of chat messages")
+    out = []
+    for j, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"prompt[{j}] is not a {{role: system|user|assistant, content: str}} "
+                             "message")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in out):
+        raise ValueError("prompt has no non-empty user message")
+    return out
+
+
+def _ground_truth(reward_model) -> str:
+    if not isinstance(reward_model, dict):
+        raise ValueError("reward_model is not a mapping")
+    gt = reward_model.get("ground_truth")
+    if gt is None:
+        raise ValueError("reward_model.ground_truth is missing")
+    if isinstance(gt, (int, float)) and not isinstance(gt, bool):
+        if isinstance(gt, float) and not math.isfinite(gt):
+            raise ValueError("reward_model.ground_truth is not a finite number")
+        gt = str(gt)
+    if not isinstance(gt, str):
+        raise ValueError(f"reward_model.ground_truth has type {type(gt).__name__}, not a string")
+    if not gt.strip():
+        raise ValueError("reward_model.ground_truth is empty")
+    return gt.strip()
+
+
+def clean_row(row: dict, split: str, index: int) -> dict:
+    """The row in our schema, or ValueError naming what is wrong with it."""
+    source = row.get("data_source")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError("data_source is missing or not a non-empty string")
+    extra = row.get("extra_info")
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError("extra_info is neither a mapping nor null")
+    return {
+        "data_source": source,
+        "prompt": _messages(row.get("prompt")),
+        "reward_model": {"style": "rule", "ground_truth": _ground_truth(row.get("reward_model"))},
+        "extra_info": {"split": split, "index": index, "repeat": 0,
+                       "source_extra_info": json.dumps(extra or {}, default=str, sort_keys=True)},
+    }
+
+
+def clean_file(path: str, name: str, split: str) -> tuple[list[dict], Report]:
+    report = Report(name, path)
+    rows = read_rows(path, name)
+    report.rows_read = len(rows)
+    kept = []
+    for i, row in enumerate(rows):
+        try:
+            kept.append(clean_row(row, split, i))
+        except ValueError as e:
+            report.dropped.append((i, str(e)))
+    return kept, report
+
+
+def repeat_problems(rows: list[dict], times: int, report: Report) -> list[dict]:
+    """Collapse rows to distinct (prompt, answer) problems, then repeat the list `times` times."""
+    distinct: dict[str, dict] = {}
+    for row in rows:
+        key = json.dumps([row["prompt"], row["reward_model"]["ground_truth"]], sort_keys=True)
+        distinct.setdefault(key, row)
+    problems = list(distinct.values())
+    report.notes.append(f"{len(rows)} valid rows are {len(problems)} distinct problems; "
+                        f"repeated {times}x -> {len(problems) * times} rows")
+    return [{**p, "extra_info": {**p["extra_info"], "repeat": r}}
+            for r in range(times) for p in problems]
+
+
+def write(rows: list[dict], path: str) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+
+
+def print_report(report: Report, limit: int = 20) -> None:
+    print(f"[{report.name}] {report.path}: read {report.rows_read}, wrote {report.rows_written}, "
+          f"dropped {len(report.dropped)}")
+    for reason, n in report.counts().items():
+        print(f"    {n:6d} x {reason}")
+    for i, reason in report.dropped[:limit]:
+        print(f"    row {i}: {reason}")
+    if len(report.dropped) > limit:
+        print(f"    ... {len(report.dropped) - limit} more in the JSON report")
+    for note in report.notes:
+        print(f"    note: {note}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    epilog = "Download the inputs first (no network access is made here), e.g.:\n" + "".join(
+        f"  wget -O {os.path.basename(url)} {url}\n" for url in URLS.values())
+    p = argparse.ArgumentParser(
+        prog="prepare_math.py", description=__doc__.split("\n\n")[0], epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", help="math__combined_54.4k.parquet (guru math training split)")
+    p.add_argument("--aime", help="math__aime_repeated_8x_240.parquet (AIME 2024, any repetition)")
+    p.add_argument("--math500", help="math__math_500.parquet")
+    p.add_argument("--out-dir", required=True, help="where to write the prepared parquet files")
+    p.add_argument("--aime-repeat", type=int, default=32,
+                   help="copies of each AIME problem in the output (avg@N), default 32")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    inputs = {name: getattr(args, name) for name in URLS if getattr(args, name)}
+    if not inputs:
+        p.error("give at least one of --train, --aime, --math500")
+    if args.aime_repeat < 1:
+        p.error(f"--aime-repeat must be at least 1, got {args.aime_repeat}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    reports = []
+    for name, path in inputs.items():
+        try:
+            rows, report = clean_file(path, name, "train" if name == "train" else "test")
+        except InputError as e:
+            p.exit(2, f"{p.prog}: error: {e}\n")
+        if name == "aime":
+            rows = repeat_problems(rows, args.aime_repeat, report)
+        out = os.path.join(args.out_dir, OUTPUT_NAMES[name])
+        if not rows:
+            report.notes.append("no valid rows: nothing written")
+        else:
+            write(rows, out)
+            report.notes.append(f"wrote {out}")
+        report.rows_written = len(rows)
+        print_report(report)
+        reports.append(report)
+    with open(os.path.join(args.out_dir, "prepare_math_report.json"), "w") as f:
+        json.dump([{"input": r.name, "path": r.path, "rows_read": r.rows_read,
+                    "rows_written": r.rows_written, "dropped_per_reason": r.counts(),
+                    "dropped": [{"row": i, "reason": why} for i, why in r.dropped],
+                    "notes": r.notes} for r in reports], f, indent=1)
+    return 0 if all(r.rows_written for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Read a Hugging Face safetensors checkpoint lazily, one tensor at a time, with clear errors.
+
+Handles a single `model.safetensors` and sharded checkpoints with `model.safetensors.index.json`.
+Nothing is loaded until asked for, so each pipeline stage reads only its own layers.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, or does not match the model."""
+
+
+class HFCheckpoint:
+    def __init__(self, path: str):
+        self.path = path
+        self._handles: dict[str, object] = {}
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            self._file_of = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
+        elif os.path.exists(single):
+            self._file_of = {name: single for name in self._open(single).keys()}
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            if not os.path.exists(file):
+                raise CheckpointError(f"{file}: listed in the index but missing")
+            try:
+                self._handles[file] = safe_open(file, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{file}: cannot read safetensors header ({e}); "
+                                      "is the file truncated or not a safetensors file?") from None
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._file(name)).get_slice(name).get_shape())
+
+    def _file(self, name: str) -> str:
+        try:
+            return self._file_of[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file(name)
+        try:
+            return self._open(file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e}); "
+                                  "the file may be truncated") from None

@@ -1,0 +1,89 @@
+"""Core attention for Megatron's local (non Transformer-Engine) layer spec, with context parallelism.
+
+Stock Megatron-Core supports context parallelism only through TEDotProductAttention, and TE does not
+exist on CPU machines. This module takes Megatron's place of `core_attention` and:
+- all-gathers K and V over the context-parallel group (the backward sums the gradients of the
+  gathered copies and keeps this rank's slice);
+- masks causally by *global* token position, which undoes Megatron's load-balanced layout (rank r
+  holds sequence chunks r and 2·cp−1−r of 2·cp equal chunks) without moving any tensor;
+- computes softmax in float32 with torch's scaled_dot_product_attention (GQA native).
+
+With cp = 1 it is plain causal attention. Sequences are right-padded, so a causal mask is all that
+valid tokens need; padding positions compute garbage that the loss never reads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+
+def cp_token_positions(cp_rank: int, cp_size: int, local_len: int, device=None) -> torch.Tensor:
+    """Global positions of the `local_len` tokens a context-parallel rank holds."""
+    if cp_size == 1:
+        return torch.arange(local_len, device=device)
+    chunk = local_len // 2
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second_start = (2 * cp_size - 1 - cp_rank) * chunk
+    second = torch.arange(second_start, second_start + chunk, device=device)
+    return torch.cat([first, second])
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along dim 0 over `group`; backward: sum the gradients, keep our slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=0)[rank], None
+
+
+class ContextParallelAttention(MegatronModule):
+    """Drop-in `core_attention` for the local spec (same constructor and forward signature)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.attention_dropout and (attention_dropout is None or attention_dropout > 0):
+            raise ValueError("ContextParallelAttention does not implement attention dropout; "
+                             "RL fine-tuning runs with attention_dropout=0")
+        self.cp_group = (getattr(pg_collection, "cp", None) if pg_collection is not None
+                         else None) or parallel_state.get_context_parallel_group()
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        # query [sq, b, heads, d]; key/value [sq, b, groups, d] for this rank's tokens.
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("packed sequences and attention bias need Transformer-Engine")
+        cp, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        sq = query.shape[0]
+        if cp > 1:
+            key = _GatherSeq.apply(key, self.cp_group)
+            value = _GatherSeq.apply(value, self.cp_group)
+            k_pos = torch.cat([cp_token_positions(r, cp, sq, query.device) for r in range(cp)])
+        else:
+            k_pos = torch.arange(sq, device=query.device)
+        q_pos = cp_token_positions(cp_rank, cp, sq, query.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [sq, sk]
+        q, k, v = (t.permute(1, 2, 0, 3).float() for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        # [b, heads, sq, d] -> [sq, b, heads * d]
+        out = out.to(query.dtype).permute(2, 0, 1, 3)
+        return out.reshape(sq, out.shape[1], -1)
