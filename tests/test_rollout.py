@@ -179,7 +179,7 @@ def test_update_weights_rejects_bad_streams(engine, hf):
             [("model.layers.0.mlp.gate.weight", t)] + good,
         f"{name!r} has shape": [(name, t[:-1])] + rest,
         f"{name!r} has dtype torch.bfloat16": [(name, t.bfloat16())] + rest,
-        f"{name!r} sent twice": [(name, t)] + good,
+        f"{name!r} sent twice": [(name, t), (name, t)] + rest,
     }
     for message, stream in cases.items():
         with pytest.raises(WeightSyncError, match=message.replace("(", r"\(").replace(")", r"\)")):
