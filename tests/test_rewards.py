@@ -1,4 +1,6 @@
 """Answer extraction, math-verify scoring in the worker pool (real math-verify), overlong shaping."""
+import os
+import signal
 import time
 
 import pytest
@@ -112,6 +114,15 @@ def test_batch_with_timeouts_is_bounded_and_ordered(pool):
     assert time.perf_counter() - t < 2 * TIMEOUT + SLACK
     assert [r.score for r in results] == [0.0, 1.0, 0.0, 1.0, 0.0]
     assert [r.timed_out for r in results] == [True, False, True, False, False]
+
+
+def test_dead_worker_is_replaced(pool):
+    os.kill(pool._workers[0].proc.pid, signal.SIGKILL)      # e.g. the OOM killer
+    pool._workers[0].proc.join()
+    crashes = pool.stats["crashes"]
+    results = pool.score(["\\boxed{3}"] * 4, ["3"] * 4)
+    assert [r.score for r in results] == [1.0] * 4
+    assert pool.stats["crashes"] == crashes + 1
 
 
 def test_pool_argument_errors():

@@ -23,6 +23,8 @@ from .math import AnswerFormat, extract_answer
 
 # A worker that has not reported ready after this long failed to start.
 _STARTUP_TIMEOUT_S = 120.0
+# Workers may die while starting (e.g. OOM killer); this many in a row means they cannot start.
+_MAX_FAILED_STARTS = 3
 
 
 @dataclass
@@ -99,6 +101,7 @@ class RewardPool:
         self.answer_format = answer_format
         self.memory_limit_mb = memory_limit_mb
         self.stats = {"timeouts": 0, "crashes": 0}
+        self._failed_starts = 0  # consecutive workers that died before reporting ready
         self._ctx = _context()
         self._workers = [_Worker(self._ctx, memory_limit_mb) for _ in range(num_workers)]
 
@@ -114,9 +117,14 @@ class RewardPool:
             now = time.monotonic()
             for w in self._workers:
                 if w.ready and w.item is None and todo:
-                    w.item = todo.popleft()
-                    w.conn.send((results[w.item].answer, ground_truths[w.item]))
-                    w.deadline = now + self.timeout_s
+                    item = todo[0]
+                    try:
+                        w.conn.send((results[item].answer, ground_truths[item]))
+                    except OSError:  # died while idle: not the item's fault, retry it
+                        self.stats["crashes"] += 1
+                        self._replace(self._workers.index(w))
+                        continue
+                    w.item, w.deadline = todo.popleft(), now + self.timeout_s
                     busy += 1
             waits = [w.deadline if w.item is not None else w.started + _STARTUP_TIMEOUT_S
                      for w in self._workers if w.item is not None or not w.ready]
@@ -128,16 +136,18 @@ class RewardPool:
                     msg = conn.recv()
                 except (EOFError, OSError):
                     if not w.ready:
-                        raise RuntimeError(
-                            f"reward worker failed to start (exit code {w.proc.exitcode}); "
-                            f"is reward.memory_limit_mb ({self.memory_limit_mb}) too low?"
-                        ) from None
+                        self._failed_starts += 1
+                        if self._failed_starts > _MAX_FAILED_STARTS:
+                            raise RuntimeError(
+                                f"reward workers keep dying before they are ready (last exit "
+                                f"code {w.proc.exitcode}); is reward.memory_limit_mb "
+                                f"({self.memory_limit_mb}) too low?") from None
                     self.stats["crashes"] += 1
                     busy -= w.item is not None
                     self._replace(i)
                     continue
                 if msg == "ready":
-                    w.ready = True
+                    w.ready, self._failed_starts = True, 0
                 else:
                     results[w.item].score = 1.0 if msg else 0.0
                     w.item = None
