@@ -57,7 +57,7 @@ def top_ratio_mask(values: Tensor, mask: Tensor, ratio: float, group=None,
     flattened local index). `largest=False` selects the k smallest instead (the paper's
     bottom-(1−ρ) ablation is `largest=False` with ratio 1−ρ). ratio 0 selects nothing, ratio 1 every
     masked token. ratio · N is rounded to 6 decimals before the ceiling so that float noise does
-    not add a token (0.2 · 15 is 3.0000000000000004 in floats; k is 3). Every rank must pass the
+    not add a token (0.55 · 100 is 55.00000000000001 in floats; k is 55). Every rank must pass the
     same ratio. Returns a bool tensor shaped like `values`: this rank's part of the selection.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
