@@ -119,7 +119,8 @@ class AlgorithmConfig:
 class TrainerConfig:
     train_batch_size: int = _f(512, "Prompts per RL step (after dynamic sampling).")
     gen_batch_size: int | None = _f(None, "Prompts per generation round; null = "
-                                          "train_batch_size. The paper uses 3 x 512.")
+                                          "train_batch_size (filled in at load). The paper "
+                                          "uses 3 x 512.")
     ppo_mini_batch_size: int = _f(32, "Prompts per optimizer step; an RL step makes "
                                       "train_batch_size / ppo_mini_batch_size optimizer steps.")
     micro_batch_size: int = _f(1, "Sequences per forward/backward on each data-parallel rank.")
@@ -168,7 +169,8 @@ class EvalConfig:
     temperature: float = _f(1.0, "Validation sampling temperature.")
     top_p: float = _f(0.7, "Validation nucleus sampling threshold.")
     max_response_length: int | None = _f(None, "Longest validation response; null = "
-                                                "rollout.max_response_length.")
+                                                "rollout.max_response_length (filled in at "
+                                                "load).")
     at_start: bool = _f(True, "Evaluate once before training.")
 
 
@@ -236,6 +238,11 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"{section}: expected a mapping, got {type(sect).__name__}")
         sect[name] = value
     cfg = _build(raw, source=path or "<overrides>")
+    # Fill in derived defaults, so the trainer and the saved config see plain numbers.
+    if cfg.trainer.gen_batch_size is None:
+        cfg.trainer.gen_batch_size = cfg.trainer.train_batch_size
+    if cfg.eval.max_response_length is None:
+        cfg.eval.max_response_length = cfg.rollout.max_response_length
     validate(cfg)
     return cfg
 

@@ -23,6 +23,8 @@ def test_defaults_are_the_papers_dapo_recipe():
     assert (c.trainer.train_batch_size, c.trainer.ppo_mini_batch_size, c.trainer.lr) == (512, 32, 1e-6)
     assert (c.eval.top_p, c.eval.temperature) == (0.7, 1.0)
     assert c.algorithm.entropy_top_ratio == 1.0 and c.algorithm.entropy_top_scope == "micro_batch"
+    # derived defaults are filled in at load
+    assert (c.trainer.gen_batch_size, c.eval.max_response_length) == (512, 20480)
 
 
 def test_yaml_then_overrides_applied(tmp_path):
@@ -35,7 +37,7 @@ def test_yaml_then_overrides_applied(tmp_path):
     assert c.trainer.lr == 1e-5 and c.trainer.total_steps == 7   # override wins, yaml kept
     assert c.algorithm.entropy_top_ratio == 0.2
     assert c.data.train_files == ["/one.parquet"]                   # a bare string -> one-item list
-    assert c.trainer.gen_batch_size is None and c.eval.max_response_length == 1024
+    assert c.trainer.gen_batch_size == 512 and c.eval.max_response_length == 1024
     assert c.rollout.temperature == 1.0 and isinstance(c.rollout.temperature, float)
 
 

@@ -10,7 +10,7 @@ from megatron_rlvr.rewards.pool import RewardPool
 from megatron_rlvr.rewards.shaping import overlong_penalty
 
 TIMEOUT = 1.0
-SLACK = 1.5   # seconds: process kill + replacement + scheduling on a loaded 2-core machine
+SLACK = 2.0   # seconds: process kill + replacement + scheduling on a loaded 2-core machine
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -52,7 +52,8 @@ def test_extraction_is_linear_on_huge_inputs():
     assert extract_answer("\\boxed" + "{" * 1_000_000) is None
     assert extract_answer("answer:" * 300_000, "answer") is None
     assert extract_answer("x" * 3_000_000 + "\\boxed{7}") == "7"
-    assert time.perf_counter() - t < 3.0
+    # ~0.2 s unloaded; a quadratic scan (rfind per candidate) took ~40 s on the first input.
+    assert time.perf_counter() - t < 10.0
 
 
 @pytest.fixture(scope="module")
