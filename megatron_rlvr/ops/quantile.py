@@ -18,6 +18,7 @@ rank order. -0.0 and +0.0 count as equal (as they compare as floats).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,9 @@ def kth_largest(values: Tensor, mask: Tensor, k: int, group=None) -> Tensor:
     this process only. Every rank of the group must call this with the same k. Returns a 0-d
     float32 tensor on `values.device`, equal on every rank.
     """
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {k!r}")
+    k = int(k)
     select = _RadixSelect(values, mask, group, largest=True)
     if not 1 <= k <= select.count:
         raise ValueError(f"k={k} is out of range: the group holds {select.count} masked values")
@@ -60,7 +62,7 @@ def top_ratio_mask(values: Tensor, mask: Tensor, ratio: float, group=None,
     not add a token (0.55 · 100 is 55.00000000000001 in floats; k is 55). Every rank must pass the
     same ratio. Returns a bool tensor shaped like `values`: this rank's part of the selection.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
     select = _RadixSelect(values, mask, group, largest)
     k = math.ceil(round(ratio * select.count, 6))
