@@ -48,8 +48,10 @@ def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1, cp: int = 1
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Weights come from the HF checkpoint: skip random init; build on CPU when there is no GPU.
-        perform_initialization=False,
+        # Weights come from the HF checkpoint, but initialisation must still run: it is where
+        # Megatron marks tensor-parallel weights (`tensor_model_parallel`), which the optimizer's
+        # grad norm and the checkpoint sharding rely on.
+        perform_initialization=True,
         use_cpu_initialization=not on_gpu,
         # Per-token loss accounting: our loss functions return (numerator, denominator) and
         # finalize_model_grads divides once by the global denominator (see models/train_step.py).
