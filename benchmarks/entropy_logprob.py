@@ -11,7 +11,8 @@ Ours: logprobs_and_entropy(logits, labels, tp_group=...) with its default chunk 
 
 "forward" runs under torch.no_grad() (old-policy log-probs); "fwd+bwd" backpropagates sum(logp).
 Every number comes from a fresh worker process (torchrun for TP=2), one thread per process:
-- time: the median of --reps runs, ours and the baseline alternating in the same process;
+- time: the median of --reps calls: one in the memory worker below, the rest in one process where
+  ours and the baseline alternate (no warm-up anywhere; a call's buffers are fresh mmaps each time);
 - memory: one call per process; peak extra = ru_maxrss after the call minus the RSS before it
   (logits and labels already allocated, filled in place). glibc serves these large buffers with
   mmap and unmaps them when freed, so the process's RSS follows torch's live CPU tensors. fwd+bwd
@@ -92,23 +93,23 @@ def worker(args) -> None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size() if tp_group is not None else 1
     gen = torch.Generator().manual_seed(0)
-    logits = torch.empty(args.tokens, args.vocab // tp).normal_(0, 2, generator=gen)
+    logits = torch.empty(args.tokens, args.vocab // tp).uniform_(-4, 4, generator=gen)
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
     if args.worker == "memory":
-        before = _rss_bytes()
+        before, start = _rss_bytes(), time.perf_counter()
         grad = _call(args.impl, args.mode, logits, labels, tp_group)
-        result = {"extra": _max_rss_bytes() - before,
+        result = {"time": time.perf_counter() - start, "extra": _max_rss_bytes() - before,
                   "grad": 0 if grad is None else grad.numel() * grad.element_size()}
     else:
         times = {(i, m): [] for i in IMPLS for m in MODES}
-        for _ in range(args.reps):
+        for _ in range(args.reps - 1):
             for key in times:
                 if tp_group is not None:
                     dist.barrier(tp_group)
                 start = time.perf_counter()
                 _call(*key, logits, labels, tp_group)
                 times[key].append(time.perf_counter() - start)
-        result = {f"{i}|{m}": statistics.median(t) for (i, m), t in times.items()}
+        result = {f"{i}|{m}": t for (i, m), t in times.items()}
     result["logits"] = logits.numel() * logits.element_size()
     if tp_group is None or dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
@@ -137,7 +138,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed calls of each kind (>= 1)")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
@@ -145,6 +146,8 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.reps < 1 or args.tokens < 1:
+        sys.exit(f"--reps and --tokens must be >= 1, got {args.reps} and {args.tokens}")
     for tp in args.tp:
         if args.vocab % tp:
             sys.exit(f"--vocab {args.vocab} is not divisible by TP={tp}")
@@ -155,11 +158,12 @@ def main() -> None:
           "ours extra GiB | extra beyond grad / logits: baseline | ours |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tp in args.tp:
-        times = run_worker(args, tp, "--worker", "time")
+        times = run_worker(args, tp, "--worker", "time") if args.reps > 1 else {}
         for mode in MODES:
             mem = {impl: run_worker(args, tp, "--worker", "memory", "--impl", impl,
                                     "--mode", mode) for impl in IMPLS}
-            base_t, ours_t = times[f"baseline|{mode}"], times[f"ours|{mode}"]
+            base_t, ours_t = (statistics.median(times.get(f"{i}|{mode}", []) + [mem[i]["time"]])
+                              for i in IMPLS)
             beyond = {i: (m["extra"] - m["grad"]) / m["logits"] for i, m in mem.items()}
             print(f"| {tp} | {mode} | {base_t:.2f} | {ours_t:.2f} | {ours_t / base_t:.2f} | "
                   f"{mem['baseline']['extra'] / gib:.2f} | {mem['ours']['extra'] / gib:.2f} | "
