@@ -5,8 +5,8 @@ distribution (to keep the top-20% tokens). The straightforward way (log_softmax 
 logsumexp - sum(softmax * logits)) holds two or three float32 copies of the [tokens, vocab] logits;
 with Qwen's 151,936-token vocabulary that is the most common cause of OOM. Here the work goes over
 chunks of tokens, in float32 whatever the input dtype, so the extra memory is O(chunk x V_local);
-backward recomputes the softmax of each chunk from the saved per-token logsumexp instead of keeping
-it, and needs no collective. With tensor parallelism each rank holds the vocabulary shard
+backward recomputes the softmax of each chunk from the saved per-token max and log-sum-exp instead of
+keeping it, and needs no collective. With tensor parallelism each rank holds the vocabulary shard
 [rank * V_local, (rank + 1) * V_local) and the forward makes two small all-reduces a chunk
 (max; then sum of exp, sum of p*z and the label's logit together).
 
