@@ -9,7 +9,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def random_logits(gen, *shape, dtype=torch.float32):
-    """Fresh random logits of mixed sharpness, with one row of very large values (overflow check)."""
+    """Fresh random logits of mixed sharpness; one row of very large values (overflow check)."""
     scale = torch.rand(*shape[:-1], 1, generator=gen) * 6
     logits = torch.randn(*shape, generator=gen) * scale
     logits.view(-1, shape[-1])[0] += 5e3

@@ -5,8 +5,8 @@ distribution (to keep the top-20% tokens). The straightforward way (log_softmax 
 logsumexp - sum(softmax * logits)) holds two or three float32 copies of the [tokens, vocab] logits;
 with Qwen's 151,936-token vocabulary that is the most common cause of OOM. Here the work goes over
 chunks of tokens, in float32 whatever the input dtype, so the extra memory is O(chunk x V_local);
-backward recomputes the softmax of each chunk from the saved per-token max and log-sum-exp instead of
-keeping it, and needs no collective. With tensor parallelism each rank holds the vocabulary shard
+backward recomputes the softmax of each chunk from the saved per-token max and log-sum-exp
+instead of keeping it, and needs no collective. With tensor parallelism each rank holds the vocabulary shard
 [rank * V_local, (rank + 1) * V_local) and the forward makes two small all-reduces a chunk
 (max; then sum of exp, sum of p*z and the label's logit together).
 
@@ -29,7 +29,7 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                          tp_group: dist.ProcessGroup | None = None, chunk_size: int | None = None,
                          entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (log p(labels), entropy) of softmax(logits / temperature), both float32, labels' shape.
+    """Return (log p(labels), entropy) of softmax(logits / T), float32, in the shape of labels.
 
     logits: [..., V_local] float32 or bfloat16, this rank's vocabulary shard (not modified).
     labels: [...] global token ids. tp_group: the tensor-parallel group the vocabulary is sharded
@@ -52,7 +52,7 @@ def logprobs_and_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
                                      tp_group: dist.ProcessGroup | None = None,
                                      chunk_size: int | None = None, entropy_grad: bool = False
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as logprobs_and_entropy(hidden @ weight.T, labels, ...) without materialising the logits.
+    """logprobs_and_entropy(hidden @ weight.T, labels, ...) without materialising the logits.
 
     hidden: [..., D], the final hidden states, the same on every TP rank. weight: [V_local, D], this
     rank's shard of the (vocab-parallel) output layer. Each chunk's logits are recomputed in
