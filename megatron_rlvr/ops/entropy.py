@@ -6,9 +6,9 @@ logsumexp - sum(softmax * logits)) holds two or three float32 copies of the [tok
 with Qwen's 151,936-token vocabulary that is the most common cause of OOM. Here the work goes over
 chunks of tokens, in float32 whatever the input dtype, so the extra memory is O(chunk x V_local);
 backward recomputes the softmax of each chunk from the saved per-token max and log-sum-exp
-instead of keeping it, and needs no collective. With tensor parallelism each rank holds the vocabulary shard
-[rank * V_local, (rank + 1) * V_local) and the forward makes two small all-reduces a chunk
-(max; then sum of exp, sum of p*z and the label's logit together).
+instead of keeping it, and needs no collective. With tensor parallelism each rank holds the
+vocabulary shard [rank * V_local, (rank + 1) * V_local) and the forward makes two small
+all-reduces a chunk (max; then sum of exp, sum of p*z and the label's logit together).
 
 Padded vocabulary columns may hold -inf (or the dtype's most negative value): a zero probability
 contributes exactly 0 to the entropy and its gradient, never 0 * (-inf).
