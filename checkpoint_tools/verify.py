@@ -112,5 +112,17 @@ def main(argv=None) -> int:
     return 0 if line.endswith("PASS") else 1
 
 
+def cli(argv=None) -> int:
+    """`main` with the user's mistakes (bad path, unsupported model, impossible layout) reported
+    as one line instead of a traceback."""
+    from megatron_rlvr.models.hf_checkpoint import CheckpointError
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"verify: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -36,6 +36,7 @@ class StepResult:
     loss: float          # sum of numerators / sum of denominators over the whole mini-batch
     grad_norm: float     # before clipping; nan when the step was skipped
     skipped: bool        # True when the loss was not finite and no update was made
+    logs: list           # the loss function's per-micro-batch logs (last pipeline stage only)
 
 
 class Policy:
@@ -100,9 +101,9 @@ class Policy:
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad()
-            return StepResult(loss=loss, grad_norm=float("nan"), skipped=True)
+            return StepResult(loss=loss, grad_norm=float("nan"), skipped=True, logs=logs)
         _, grad_norm, _ = self.optimizer.step()
-        return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=False)
+        return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=False, logs=logs)
 
     def hf_weights(self, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream the current weights as full HF-named tensors (a collective; see models.convert)."""

@@ -1,0 +1,109 @@
+"""Our Megatron model against transformers: parity, export roundtrip, training, layouts, errors.
+
+The multi-process checks run tests/dist/model_checks.py under torchrun (gloo, 4 CPU processes).
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_rlvr.models.spec import UnsupportedModelError, check_layout, read_model_spec
+from megatron_rlvr.models.tiny import save_tiny_model
+from megatron_rlvr.parallel import derive_layout
+from torchrun import ROOT, torchrun
+
+MODELS = [("qwen3", {"tie": True}), ("qwen3", {"tie": False}), ("qwen2", {"tie": True}),
+          ("llama", {"tie": False})]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dirs = []
+    for i, (family, kwargs) in enumerate(MODELS):
+        d = root / f"{family}_{i}"
+        save_tiny_model(str(d), family, seed=i, with_tokenizer=False, **kwargs)
+        dirs.append(str(d))
+    # Vocabulary not divisible by tp=2: exercises padding rows masked to -inf and stripped on export.
+    d = root / "qwen3_odd_vocab"
+    save_tiny_model(str(d), "qwen3", seed=9, with_tokenizer=False, vocab_size=509)
+    dirs.append(str(d))
+    return dirs
+
+
+def _run(tmp_path, nproc, tp, pp, cp, dirs):
+    out = tmp_path / f"losses_tp{tp}_pp{pp}_cp{cp}.json"
+    log = torchrun(ROOT / "tests/dist/model_checks.py", nproc, "--tp", str(tp), "--pp", str(pp),
+                   "--cp", str(cp), "--out", str(out), *dirs)
+    assert log.count("parity ") >= len(dirs)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tp1_result(tiny_models, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("tp1"), 1, 1, 1, 1, tiny_models)
+
+
+def test_parity_export_and_training_tp1(tp1_result):
+    losses = tp1_result["losses"]
+    assert losses[-1] < losses[0] - 0.5, f"5 steps did not lower the loss: {losses}"
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,cp", [(2, 2, 1), (2, 1, 2), (1, 1, 2)],
+                         ids=["TP2xPP2", "TP2xCP2", "DP2xCP2"])
+def test_layouts_match_transformers_and_tp1(tp, pp, cp, tiny_models, tp1_result, tmp_path):
+    result = _run(tmp_path, 4, tp, pp, cp, tiny_models)
+    for step, (a, b) in enumerate(zip(result["losses"], tp1_result["losses"])):
+        assert abs(a - b) < 1e-5, f"step {step}: loss {a} vs TP1 {b}"
+    for step, (a, b) in enumerate(zip(result["grad_norms"], tp1_result["grad_norms"])):
+        assert abs(a - b) < 1e-4 * max(1.0, b), f"step {step}: grad norm {a} vs TP1 {b}"
+
+
+def test_verify_cli_pass_and_fail(tiny_models):
+    cmd = [sys.executable, "-m", "checkpoint_tools.verify", "--hf-dir", tiny_models[2]]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    last = ok.stdout.strip().splitlines()[-1]
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert last.startswith("verify: logits max_abs_diff=") and last.endswith("tol=0.0001 PASS")
+    # bfloat16 weights cannot match the float32 reference to 1e-9: the verdict must be FAIL.
+    bad = subprocess.run(cmd + ["--dtype", "bfloat16", "--tol", "1e-9"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert bad.returncode == 1
+    assert bad.stdout.strip().splitlines()[-1].endswith("tol=1e-09 FAIL")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    cfg = {"architectures": ["MistralForCausalLM"], "hidden_size": 64}
+    with pytest.raises(UnsupportedModelError) as e:
+        read_model_spec(cfg)
+    msg = str(e.value)
+    assert "MistralForCausalLM" in msg
+    for arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"):
+        assert arch in msg
+
+
+def test_world_size_must_divide():
+    assert derive_layout(8, tp=2, pp=2, cp=1).dp == 2
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tp×pp×cp = 2×2×1 = 4"):
+        derive_layout(6, tp=2, pp=2)
+
+
+def test_heads_and_vocab_must_divide_tp(tiny_models):
+    spec = read_model_spec(tiny_models[0])  # 4 heads, 2 kv heads, vocab 512
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tp=8"):
+        check_layout(spec, tp=8, pp=1)
+    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by tp=4"):
+        check_layout(spec, tp=4, pp=1)
+    odd = read_model_spec(tiny_models[-1])  # vocab 509
+    with pytest.raises(ValueError, match="vocab_size=509 is not divisible by tp=2"):
+        check_layout(odd, tp=2, pp=1, pad_vocab=False)
+    assert odd.padded_vocab_size(2) == 510
+    check_layout(odd, tp=2, pp=1)  # padding on (the default): fine
+
+
+def test_torchrun_reports_layout_error(tiny_models):
+    with pytest.raises(AssertionError, match="verify: error: world size 2 is not divisible by"):
+        torchrun(ROOT / "checkpoint_tools/verify.py", 2, "--hf-dir", tiny_models[0], "--tp", "4")
