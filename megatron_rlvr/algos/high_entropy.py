@@ -1,0 +1,143 @@
+"""The paper's method: the policy gradient flows only through the top-ρ highest-entropy tokens.
+
+Per micro-batch, the loss function (run by Megatron's schedule on the last pipeline stage) computes
+log-probs and entropies of the current policy with the fused vocab-parallel op, chooses the tokens
+that receive gradient, and returns the clip-higher PPO loss as `(numerator, denominator, logs)`;
+Megatron divides the summed gradients once by the summed denominators (see `policy.py`).
+
+Selection (`algorithm.entropy_select`):
+- `top`: the k = ⌈ρ·N⌉ highest-entropy response tokens; `bottom`: the ⌈(1−ρ)·N⌉ lowest (the paper's
+  ablation); `random`: k tokens chosen uniformly (the control).
+Scope (`algorithm.entropy_top_scope`):
+- `micro_batch`: N counts the micro-batch's response tokens (across its context-parallel ranks),
+  as the paper's released code does; the loss is each micro-batch's mean and micro-batches weigh
+  equally (also at ρ = 1, so full-token and top-ρ runs aggregate alike).
+- `global`: one exact threshold over every response token of the mini-batch on all data- and
+  context-parallel ranks (the paper's definition); the selection is made before the update by
+  `select_global`, from an extra no-grad forward pass of the current policy. The loss is the
+  mini-batch's mean, whatever its split into micro-batches and ranks.
+Normalisation (`algorithm.entropy_loss_norm`): divide by the kept tokens (`kept_tokens`, the seed
+code) or by all response tokens (`all_tokens`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr.algos.policy_loss import compute_policy_loss
+from megatron_rlvr.models.pipeline import cp_slice
+from megatron_rlvr.ops.entropy import logprobs_and_entropy
+from megatron_rlvr.ops.quantile import top_ratio_mask
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    temperature: float
+    clip_ratio_low: float
+    clip_ratio_high: float
+    clip_ratio_c: float
+    loss_agg_mode: str
+    ratio: float          # entropy_top_ratio ρ (1.0 = every token)
+    scope: str            # micro_batch | global
+    norm: str             # kept_tokens | all_tokens
+    select: str           # top | bottom | random
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+    tp = ps.get_tensor_model_parallel_world_size()
+    return (ps.get_tensor_model_parallel_group() if tp > 1 else None,
+            ps.get_context_parallel_group(), ps.get_context_parallel_rank(),
+            ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def choose_tokens(entropy: torch.Tensor, mask: torch.Tensor, s: LossSettings, group,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The bool mask of tokens that train, chosen among `mask` across `group`."""
+    if s.ratio >= 1.0:
+        return mask.clone()
+    if s.select == "top":
+        return top_ratio_mask(entropy, mask, s.ratio, group=group)
+    if s.select == "bottom":
+        return top_ratio_mask(entropy, mask, 1.0 - s.ratio, group=group, largest=False)
+    if s.select == "random":
+        noise = torch.rand(entropy.shape, generator=generator, device=entropy.device)
+        return top_ratio_mask(noise, mask, s.ratio, group=group)
+    raise ValueError(f"algorithm.entropy_select must be top, bottom or random, got {s.select!r}")
+
+
+def token_stats(mb: dict, logits: torch.Tensor, s: LossSettings) -> dict:
+    """No-grad pass: this rank's log-probs and entropies of a micro-batch (context-parallel slice)."""
+    tp_group, _, _, _ = _groups()
+    logp, ent = logprobs_and_entropy(logits, cp_slice(mb["labels"]), temperature=s.temperature,
+                                     tp_group=tp_group)
+    return {"logprobs": logp, "entropy": ent}
+
+
+def select_global(entropies: list[torch.Tensor], masks: list[torch.Tensor], s: LossSettings,
+                  generator: torch.Generator | None) -> list[torch.Tensor]:
+    """One exact selection over the whole mini-batch (all data- and context-parallel ranks)."""
+    _, _, _, dp_cp = _groups()
+    flat_e = torch.cat([e.reshape(-1) for e in entropies])
+    flat_m = torch.cat([m.reshape(-1) for m in masks])
+    keep = choose_tokens(flat_e, flat_m, s, dp_cp, generator)
+    return list(keep.split([m.numel() for m in masks]))
+
+
+def _sequence_sum(x: torch.Tensor, cp_group) -> torch.Tensor:
+    """Per-sequence sums over the tokens of every context-parallel rank (no gradient)."""
+    out = x.sum(-1).double()
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        dist.all_reduce(out, group=cp_group)
+    return out
+
+
+def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
+              generator: torch.Generator | None = None):
+    """The micro-batch loss as `(numerator, denominator, logs)` (see the module docstring)."""
+    tp_group, cp_group, cp_rank, _ = _groups()
+    labels = cp_slice(mb["labels"])
+    response = cp_slice(mb["response_mask"])
+    advantages = cp_slice(mb["advantages"])
+    old = mb["old_logprobs_local"]
+    logp, ent = logprobs_and_entropy(logits, labels, temperature=s.temperature, tp_group=tp_group)
+    if s.scope == "global" or s.ratio >= 1.0:
+        keep = mb["keep_local"] if s.ratio < 1.0 else response
+    else:
+        keep = choose_tokens(ent.detach(), response, s, cp_group, generator)
+    count_mask = keep if s.norm == "kept_tokens" else response
+    lead = cp_rank == 0  # count each sequence / micro-batch once over its context-parallel ranks
+
+    # Sum of per-token (or per-sequence) losses over this rank's tokens; denominators are counts.
+    token_mean = s.loss_agg_mode == "token-mean"
+    seq_counts = _sequence_sum(count_mask, cp_group) if s.loss_agg_mode == "seq-mean-token-mean" \
+        else None
+    total, metrics = compute_policy_loss(
+        logp, old, advantages, keep, clip_ratio_low=s.clip_ratio_low,
+        clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
+        loss_agg_mode=s.loss_agg_mode, denominator=1.0, seq_token_counts=seq_counts)
+    if token_mean:
+        count = int(count_mask.sum())
+    else:
+        count = labels.shape[0] if lead else 0
+    if s.scope == "micro_batch":
+        # The seed code's per-micro-batch mean: divide here, count the micro-batch once.
+        mb_count = torch.tensor(float(count), dtype=torch.float64)
+        if dist.get_world_size(cp_group) > 1:
+            dist.all_reduce(mb_count, group=cp_group)
+        total = total / mb_count.clamp(min=1).item()
+        count = 1 if lead else 0
+    denominator = torch.tensor(count, dtype=torch.int)
+    with torch.no_grad():
+        kept_ent = ent.masked_fill(~keep, float("inf"))
+        logs = {
+            "numerator": total.detach(), "denominator": denominator,
+            "kept_count": keep.sum(), "response_count": response.sum(),
+            "kept_entropy_min": kept_ent.min() if keep.any() else ent.new_tensor(float("inf")),
+            **metrics,
+        }
+    return total, denominator, logs
+
+

@@ -1,0 +1,371 @@
+"""The RL loop: DAPO on Megatron-Core with vLLM rollouts, training on the top-ρ entropy tokens.
+
+One step:
+  1. rollout   every rank's vLLM engine samples n responses for its share of the prompts; rewards
+               are scored in a process pool; DAPO dynamic sampling repeats rounds until
+               train_batch_size prompts have responses that disagree;
+  2. old pass  the policy computes log-probs (the PPO ratio's denominator) and entropies of the
+               batch; vLLM's log-probs are compared with them (rollout/logprob_mismatch_*);
+  3. update    one optimizer step per mini-batch of ppo_mini_batch_size prompts: clip-higher PPO
+               loss on the selected tokens (algos/high_entropy.py), Megatron DDP + distributed
+               optimizer;
+  4. sync      the new weights stream to vLLM as HF-named tensors;
+  5. report    metrics.jsonl / tensorboard / wandb, periodic validation, checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr import checkpoint as ckpt
+from megatron_rlvr.algos.dynamic_sampling import GroupAccumulator
+from megatron_rlvr.algos.high_entropy import LossSettings, dapo_loss, select_global, token_stats
+from megatron_rlvr.batch import build_batch, micro_batches
+from megatron_rlvr.config import Config, config_to_dict, data_parallel_size
+from megatron_rlvr.data.dataset import PromptDataset, PromptSampler
+from megatron_rlvr.eval import evaluate
+from megatron_rlvr.generation import ShapingConfig, generate_groups
+from megatron_rlvr.logging import MetricsLogger
+from megatron_rlvr.models.builder import DTYPES
+from megatron_rlvr.models.pipeline import cp_slice
+from megatron_rlvr.models.spec import read_model_spec
+from megatron_rlvr.parallel import destroy_distributed, init_distributed
+from megatron_rlvr.policy import OptimConfig, Policy
+from megatron_rlvr.rewards.pool import RewardPool
+from megatron_rlvr.rollout.base import SamplingParams
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite losses in a row)."""
+
+
+def seed_for(*parts) -> int:
+    """A stable 31-bit seed from any parts (run seed, step, round, ...)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _batch_ranks_only(values: torch.Tensor, op) -> torch.Tensor:
+    """Reduce per-rank statistics over the ranks that each hold distinct tokens of the batch
+    (last pipeline stage, tensor-parallel rank 0); the result is known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    neutral = 0.0 if op == dist.ReduceOp.SUM else float("-inf")
+    t = values.double() if owner else torch.full_like(values, neutral, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return t
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp = data_parallel_size(cfg, world)
+        p = cfg.parallel
+        init_distributed(p.tp, p.pp, p.cp, seed=cfg.trainer.seed)
+        from megatron.core import parallel_state as ps
+        from transformers import AutoTokenizer
+
+        self.rank = dist.get_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        spec = read_model_spec(cfg.model.hf_dir)
+        r, d = cfg.rollout, cfg.data
+        data_kwargs = dict(max_prompt_length=r.max_prompt_length, prompt_key=d.prompt_key,
+                           prompt_overflow=r.prompt_overflow, bad_rows=d.bad_rows)
+        self.train_set = PromptDataset(d.train_files, self.tokenizer, **data_kwargs)
+        self.val_set = PromptDataset(d.val_files, self.tokenizer, **data_kwargs) \
+            if d.val_files else None
+        self.sampler = PromptSampler(len(self.train_set.records), seed=d.seed, shuffle=d.shuffle)
+        self.engine = self._make_engine(spec)
+        torch.manual_seed(cfg.trainer.seed)  # vLLM reseeds torch when it starts: seed after it
+        t = cfg.trainer
+        self.policy = Policy(spec, cfg.model.hf_dir, dtype=DTYPES[cfg.model.dtype],
+                             recompute=cfg.model.recompute_activations,
+                             optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay,
+                                               grad_clip=t.grad_clip, adam_beta1=t.adam_beta1,
+                                               adam_beta2=t.adam_beta2, adam_eps=t.adam_eps))
+        self.rewards = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s,
+                                  answer_format=cfg.reward.format,
+                                  memory_limit_mb=cfg.reward.memory_limit_mb)
+        a = cfg.algorithm
+        self.loss_settings = LossSettings(
+            temperature=r.temperature, clip_ratio_low=a.clip_ratio_low,
+            clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c,
+            loss_agg_mode=a.loss_agg_mode, ratio=a.entropy_top_ratio, scope=a.entropy_top_scope,
+            norm=a.entropy_loss_norm, select=a.entropy_select)
+        self.shaping = ShapingConfig(enable=a.overlong_buffer_enable,
+                                     max_response_length=r.max_response_length,
+                                     buffer_len=a.overlong_buffer_len,
+                                     penalty_factor=a.overlong_penalty_factor)
+        self.step = 0
+        self.nonfinite_in_row = 0
+        resume_dir = self._resume_dir()
+        lg = cfg.logging
+        self.log = MetricsLogger(lg.output_dir, enabled=self.rank == 0, run_name=lg.run_name,
+                                 total_steps=t.total_steps, tensorboard=lg.tensorboard,
+                                 wandb=lg.wandb, wandb_project=lg.wandb_project,
+                                 wandb_mode=lg.wandb_mode, config=config_to_dict(cfg),
+                                 resume=resume_dir is not None)
+        if resume_dir is not None:
+            self._load(resume_dir)
+
+    # ----------------------------------------------------------------------------- setup
+    def _make_engine(self, spec):
+        from megatron_rlvr.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+        r, e = self.cfg.rollout, self.cfg.eval
+        longest = max(r.max_response_length, e.max_response_length or 0)
+        return VLLMEngine(VLLMEngineConfig(
+            model_path=self.cfg.model.hf_dir, tensor_parallel_size=r.vllm_tp,
+            dtype=self.cfg.model.dtype, max_model_len=r.max_prompt_length + longest,
+            max_prompt_tokens=r.max_prompt_length, prompt_overflow=r.prompt_overflow,
+            bucket_mb=r.sync_bucket_mb, seed=self.cfg.trainer.seed,
+            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization))
+
+    def _resume_dir(self) -> str | None:
+        c = self.cfg.checkpoint
+        if c.resume == "never":
+            return None
+        if c.resume == "auto":
+            return ckpt.latest_checkpoint(self._checkpoint_root())
+        if not os.path.isdir(c.resume):
+            raise FileNotFoundError(f"checkpoint.resume: {c.resume} is not a directory")
+        return c.resume
+
+    def _checkpoint_root(self) -> str:
+        return os.path.join(self.cfg.logging.output_dir, "checkpoints")
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(self) -> None:
+        t = self.cfg.trainer
+        if self.step == 0 and self.cfg.eval.at_start and self.val_set is not None:
+            self.log.log(0, self._evaluate())
+        while self.step < t.total_steps:
+            self.step += 1
+            metrics = self.train_step()
+            if self._due(self.cfg.eval.every_n_steps) and self.val_set is not None:
+                metrics.update(self._evaluate())
+            self.log.log(self.step, metrics)
+            self.log.line(self.step, metrics)
+            if self._due(self.cfg.checkpoint.save_every):
+                self._save()
+        if self.cfg.checkpoint.export_hf_at_end:
+            out = os.path.join(self.cfg.logging.output_dir, "hf_export")
+            ckpt.export_hf(self.policy, out, source_hf_dir=self.cfg.model.hf_dir)
+            self.log.info(f"exported the final policy to {out}")
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.trainer.total_steps)
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.time()
+        self.policy.set_lr(self._lr())
+        groups, generated, gen_stats = self._rollout()
+        t_rollout = time.time() - t0
+
+        t1 = time.time()
+        m = self.cfg.rollout.n
+        batch = build_batch(groups, pad_id=self.pad_id, length_multiple=2 * self.cfg.parallel.cp)
+        mini = self.cfg.trainer.ppo_mini_batch_size * m
+        mini_batches = [micro_batches(batch, i, i + mini, dp_rank=self.dp_rank, dp=self.dp,
+                                      micro_batch_size=self.cfg.trainer.micro_batch_size)
+                        for i in range(0, batch["input_ids"].shape[0], mini)]
+        old_stats = self._old_pass(mini_batches)
+        update_stats = self._update(mini_batches, old_stats.pop("entropies"))
+        t_train = time.time() - t1
+
+        t2 = time.time()
+        self.engine.wake_up()
+        sync = self.engine.update_weights(self.policy.hf_weights(include_tied_lm_head=True))
+        t_sync = time.time() - t2
+
+        acc = [a for g in generated for a in g.accuracy]
+        rew = [x for g in generated for x in g.reward]
+        lengths = [len(r) for g in generated for r in g.responses]
+        return {
+            "reward/mean": sum(rew) / len(rew),
+            "reward/acc": sum(acc) / len(acc),
+            "reward/acc_train_batch": sum(a for g in groups for a in g.accuracy)
+            / sum(len(g.accuracy) for g in groups),
+            "reward/timeouts": float(sum(g.timed_out for g in generated)),
+            "response_length/mean": sum(lengths) / len(lengths),
+            "response_length/clip_fraction": sum(
+                f == "length" for g in generated for f in g.finish_reasons) / len(lengths),
+            **old_stats, **update_stats,
+            "lr": self._lr(),
+            "dynamic_sampling/gen_batches": float(gen_stats.rounds),
+            "dynamic_sampling/kept_prompts": float(gen_stats.kept),
+            "dynamic_sampling/dropped_all_correct": float(gen_stats.dropped_all_correct),
+            "dynamic_sampling/dropped_all_wrong": float(gen_stats.dropped_all_wrong),
+            "weight_sync/gb": sync.bytes / 1e9,
+            "timing/rollout_s": t_rollout, "timing/train_s": t_train,
+            "timing/weight_sync_s": t_sync, "timing/step_s": time.time() - t0,
+        }
+
+    def _lr(self) -> float:
+        """Linear warm-up over lr_warmup_steps RL steps (step 1 gets lr/W), then constant."""
+        t = self.cfg.trainer
+        return t.lr * min(1.0, self.step / max(t.lr_warmup_steps, 1))
+
+    # ----------------------------------------------------------------------------- phases
+    def _rollout(self):
+        r, t, a = self.cfg.rollout, self.cfg.trainer, self.cfg.algorithm
+        acc = GroupAccumulator(t.train_batch_size, a.max_num_gen_batches, enabled=a.dynamic_sampling)
+        generated = []
+        while not acc.full:
+            indices = self.sampler.next_indices(t.gen_batch_size)
+            params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p,
+                                    max_tokens=r.max_response_length,
+                                    seed=seed_for(t.seed, "rollout", self.step, acc.stats.rounds))
+            groups = generate_groups(self.engine, self.train_set, indices, params,
+                                     tokenizer=self.tokenizer, reward_pool=self.rewards,
+                                     shaping=self.shaping, vllm_tp=r.vllm_tp)
+            generated += groups
+            acc.add(groups, [g.accuracy for g in groups])
+        self.engine.sleep()
+        return acc.take(), generated, acc.stats
+
+    def _old_pass(self, mini_batches) -> dict:
+        """Log-probs and entropies of the policy that generated the batch (before any update)."""
+        s = self.loss_settings
+        sums = torch.zeros(4, dtype=torch.float64)  # entropy sum, tokens, |diff| sum, (unused)
+        diff_max = torch.full((1,), float("-inf"), dtype=torch.float64)
+        entropies = []
+        for mbs in mini_batches:
+            outs = self.policy.forward(mbs, partial(token_stats, s=s))
+            ents = []
+            for mb, out in zip(mbs, outs):
+                mask = cp_slice(mb["response_mask"])
+                mb["old_logprobs_local"] = out["logprobs"]
+                ents.append(out["entropy"])
+                diff = (out["logprobs"] - cp_slice(mb["rollout_logprobs"])).abs()[mask].double()
+                sums += torch.stack([out["entropy"][mask].double().sum(),
+                                     mask.sum().double(), diff.sum(), torch.zeros((), dtype=torch.float64)])
+                if diff.numel():
+                    diff_max = torch.maximum(diff_max, diff.max().reshape(1))
+            entropies.append(ents)
+        sums = _batch_ranks_only(sums, dist.ReduceOp.SUM)
+        diff_max = _batch_ranks_only(diff_max, dist.ReduceOp.MAX)
+        tokens = max(sums[1].item(), 1.0)
+        return {"entropy/mean": sums[0].item() / tokens,
+                "rollout/logprob_mismatch_mean": sums[2].item() / tokens,
+                "rollout/logprob_mismatch_max": diff_max.item(),
+                "entropies": entropies}
+
+    def _update(self, mini_batches, old_entropies) -> dict:
+        from megatron.core import parallel_state as ps
+
+        s = self.loss_settings
+        names = ("kept_count", "response_count", "tokens_count", "clip_high_count",
+                 "clip_low_count", "dual_clip_count", "ratio_sum", "approx_kl_sum")
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # + threshold sum
+        thresholds = 0
+        losses, norms, skipped = [], [], 0
+        for i, mbs in enumerate(mini_batches):
+            gen = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, "select",
+                                                         self.step, i, self.rank))
+            if s.scope == "global" and s.ratio < 1.0 and ps.is_pipeline_last_stage():
+                # The policy before mini-batch 0 is the old policy: reuse its entropies.
+                ents = old_entropies[i] if i == 0 else [
+                    o["entropy"] for o in self.policy.forward(mbs, partial(token_stats, s=s))]
+                keeps = select_global(ents, [cp_slice(mb["response_mask"]) for mb in mbs], s, gen)
+                for mb, keep, ent in zip(mbs, keeps, ents):
+                    mb["keep_local"] = keep.view(ent.shape)
+            result = self.policy.train_step(mbs, partial(dapo_loss, s=s, generator=gen))
+            if result.skipped:
+                skipped += 1
+                self.nonfinite_in_row += 1
+                if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
+                    raise TrainingAborted(
+                        f"{self.nonfinite_in_row} optimizer steps in a row had a non-finite loss "
+                        f"(last: {result.loss}) at RL step {self.step}; stopping "
+                        "(trainer.max_nonfinite_steps). Lower trainer.lr or check the data.")
+                if self.rank == 0:
+                    print(f"warning: step {self.step} mini-batch {i}: non-finite loss "
+                          f"{result.loss}; update skipped", flush=True)
+                continue
+            self.nonfinite_in_row = 0
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
+            for log in result.logs:
+                sums[:-1] += torch.stack([torch.as_tensor(log[k]).double() for k in names])
+                if torch.isfinite(log["kept_entropy_min"]):
+                    sums[-1] += float(log["kept_entropy_min"])
+                    thresholds += 1
+        sums = _batch_ranks_only(sums, dist.ReduceOp.SUM)
+        n_thr = _batch_ranks_only(torch.tensor([float(thresholds)]), dist.ReduceOp.SUM).item()
+        v = dict(zip(names, sums.tolist()))
+        tokens = max(v["tokens_count"], 1.0)
+        return {
+            "loss/pg": sum(losses) / len(losses) if losses else float("nan"),
+            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+            "tokens/kept_fraction": v["kept_count"] / max(v["response_count"], 1.0),
+            "entropy/threshold": sums[-1].item() / n_thr if n_thr else float("nan"),
+            "actor/clip_high_fraction": v["clip_high_count"] / tokens,
+            "actor/clip_low_fraction": v["clip_low_count"] / tokens,
+            "actor/dual_clip_fraction": v["dual_clip_count"] / tokens,
+            "actor/ratio_mean": v["ratio_sum"] / tokens,
+            "actor/approx_kl": v["approx_kl_sum"] / tokens,
+            "actor/skipped_updates": float(skipped),
+        }
+
+    def _evaluate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        t0 = time.time()
+        metrics = evaluate(self.engine, self.val_set, n=e.n, temperature=e.temperature,
+                           top_p=e.top_p, max_tokens=e.max_response_length,
+                           seed=seed_for(self.cfg.trainer.seed, "eval", self.step),
+                           tokenizer=self.tokenizer, reward_pool=self.rewards,
+                           vllm_tp=self.cfg.rollout.vllm_tp)
+        metrics["timing/eval_s"] = time.time() - t0
+        if self.rank == 0:
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "@" in k)
+            print(f"eval at step {self.step}: {shown}", flush=True)
+        return metrics
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {"step": self.step, "sampler": self.sampler.state_dict(),
+                "nonfinite_in_row": self.nonfinite_in_row, "config": config_to_dict(self.cfg)}
+
+    def _save(self) -> None:
+        root = self._checkpoint_root()
+        path = ckpt.save_checkpoint(ckpt.step_dir(root, self.step), self.policy.model,
+                                    hf_dir=self.cfg.model.hf_dir,
+                                    optimizer=self.policy.optimizer, extra=self._state(),
+                                    overwrite=True)
+        ckpt.prune_checkpoints(root, keep_last=self.cfg.checkpoint.keep_last)
+        self.log.info(f"saved checkpoint {path}")
+
+    def _load(self, path: str) -> None:
+        extra = ckpt.load_checkpoint(path, self.policy.model, spec=self.policy.spec,
+                                     optimizer=self.policy.optimizer)
+        self.step = int(extra["step"])
+        self.sampler.load_state_dict(extra["sampler"])
+        self.nonfinite_in_row = int(extra.get("nonfinite_in_row", 0))
+        self.log.truncate_after(self.step)
+        self.engine.update_weights(self.policy.hf_weights(include_tied_lm_head=True))
+        self.log.info(f"resumed from {path} at step {self.step}")
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.engine.shutdown()  # before the process groups it uses are destroyed
+        self.log.close(plots=self.cfg.logging.plots)
+
+
+def train(cfg: Config) -> None:
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+        destroy_distributed()
