@@ -301,6 +301,14 @@ class VLLMEngine(RolloutEngine):
             self.llm.wake_up()
         self._asleep = False
 
+    def shutdown(self) -> None:
+        """Tear vLLM down now rather than from its finalizer at exit. Call it last: vLLM's cleanup
+        also destroys torch.distributed's default process group. With tensor_parallel_size > 1
+        on CPU it removes vLLM's shared-memory segments, whose names are the same in every run
+        ('/dev/shm/-tp:0-[0-1]-cpushm_*'): a run killed before this leaves them behind and the
+        next one on that machine fails with 'create shm in SHMManager failed. errno: 17'."""
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 @contextmanager
 def _quiet_partial_reload():
