@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from functools import partial
 
@@ -237,7 +238,7 @@ class Trainer:
     def _old_pass(self, mini_batches) -> dict:
         """Log-probs and entropies of the policy that generated the batch (before any update)."""
         s = self.loss_settings
-        sums = torch.zeros(4, dtype=torch.float64)  # entropy sum, tokens, |diff| sum, (unused)
+        sums = torch.zeros(3, dtype=torch.float64)  # entropy sum, response tokens, |diff| sum
         diff_max = torch.full((1,), float("-inf"), dtype=torch.float64)
         entropies = []
         for mbs in mini_batches:
@@ -248,8 +249,8 @@ class Trainer:
                 mb["old_logprobs_local"] = out["logprobs"]
                 ents.append(out["entropy"])
                 diff = (out["logprobs"] - cp_slice(mb["rollout_logprobs"])).abs()[mask].double()
-                sums += torch.stack([out["entropy"][mask].double().sum(),
-                                     mask.sum().double(), diff.sum(), torch.zeros((), dtype=torch.float64)])
+                sums += torch.stack([out["entropy"][mask].double().sum(), mask.sum().double(),
+                                     diff.sum()])
                 if diff.numel():
                     diff_max = torch.maximum(diff_max, diff.max().reshape(1))
             entropies.append(ents)
@@ -267,8 +268,9 @@ class Trainer:
         s = self.loss_settings
         names = ("kept_count", "response_count", "tokens_count", "clip_high_count",
                  "clip_low_count", "dual_clip_count", "ratio_sum", "approx_kl_sum")
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # + threshold sum
-        thresholds = 0
+        sums = torch.zeros(len(names), dtype=torch.float64)
+        # Per mini-batch, the lowest entropy that received gradient (τ in the global scope).
+        lowest_kept = torch.full((len(mini_batches),), float("inf"), dtype=torch.float64)
         losses, norms, skipped = [], [], 0
         for i, mbs in enumerate(mini_batches):
             gen = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, "select",
@@ -297,19 +299,19 @@ class Trainer:
             losses.append(result.loss)
             norms.append(result.grad_norm)
             for log in result.logs:
-                sums[:-1] += torch.stack([torch.as_tensor(log[k]).double() for k in names])
-                if torch.isfinite(log["kept_entropy_min"]):
-                    sums[-1] += float(log["kept_entropy_min"])
-                    thresholds += 1
+                sums += torch.stack([torch.as_tensor(log[k]).double() for k in names])
+                lowest_kept[i] = min(lowest_kept[i].item(), float(log["kept_entropy_min"]))
         sums = _batch_ranks_only(sums, dist.ReduceOp.SUM)
-        n_thr = _batch_ranks_only(torch.tensor([float(thresholds)]), dist.ReduceOp.SUM).item()
+        lowest_kept = -_batch_ranks_only(-lowest_kept, dist.ReduceOp.MAX)
+        lowest_kept = lowest_kept[torch.isfinite(lowest_kept)]
         v = dict(zip(names, sums.tolist()))
         tokens = max(v["tokens_count"], 1.0)
         return {
             "loss/pg": sum(losses) / len(losses) if losses else float("nan"),
             "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
             "tokens/kept_fraction": v["kept_count"] / max(v["response_count"], 1.0),
-            "entropy/threshold": sums[-1].item() / n_thr if n_thr else float("nan"),
+            "tokens/kept": v["kept_count"], "tokens/response": v["response_count"],
+            "entropy/threshold": lowest_kept.mean().item() if lowest_kept.numel() else float("nan"),
             "actor/clip_high_fraction": v["clip_high_count"] / tokens,
             "actor/clip_low_fraction": v["clip_low_count"] / tokens,
             "actor/dual_clip_fraction": v["dual_clip_count"] / tokens,
@@ -343,7 +345,11 @@ class Trainer:
                                     hf_dir=self.cfg.model.hf_dir,
                                     optimizer=self.policy.optimizer, extra=self._state(),
                                     overwrite=True)
-        ckpt.prune_checkpoints(root, keep_last=self.cfg.checkpoint.keep_last)
+        keep = self.cfg.checkpoint.keep_last
+        if keep > 0 and self.rank == 0:
+            done = sorted(d for d in os.listdir(root) if ckpt.is_complete(os.path.join(root, d)))
+            for old in done[:-keep]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         self.log.info(f"saved checkpoint {path}")
 
     def _load(self, path: str) -> None:

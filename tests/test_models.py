@@ -107,3 +107,8 @@ def test_heads_and_vocab_must_divide_tp(tiny_models):
 def test_torchrun_reports_layout_error(tiny_models):
     with pytest.raises(AssertionError, match="verify: error: world size 2 is not divisible by"):
         torchrun(ROOT / "checkpoint_tools/verify.py", 2, "--hf-dir", tiny_models[0], "--tp", "4")
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_the_update(tiny_models):
+    torchrun(ROOT / "tests/dist/nonfinite_step.py", 2, "--tp", "2", tiny_models[0])
