@@ -15,7 +15,8 @@ returns for a sampled token is taken after temperature scaling (and after top-p 
 log softmax(logits / T). With top_p = 1 (training rollouts) that is exactly what the PPO ratio of
 the trainer uses. With top_p < 1 vLLM renormalises over the nucleus, so the values are higher by
 -log(nucleus mass); use those samples for evaluation, not for PPO ratios. Greedy (T = 0) returns
-log softmax(logits). vLLM's default, `raw_logprobs`, ignores the temperature.
+log softmax(logits). vLLM's default, `raw_logprobs`, ignores the temperature. Cost on CUDA: this
+mode makes vLLM sample with its PyTorch sampler, as FlashInfer's does not expose these log-probs.
 
 Integration (what the trainer must do):
 - create the default process group first, then construct the engine on every rank at once, and
