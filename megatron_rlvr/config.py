@@ -135,6 +135,10 @@ class TrainerConfig:
     max_nonfinite_steps: int = _f(3, "Abort after this many consecutive optimizer steps with a "
                                      "NaN/inf loss or gradient (such steps are skipped).")
     seed: int = _f(42, "Seed of model-side randomness (init, sampling, random token selection).")
+    collective_timeout_s: float = _f(
+        1800.0, "A rank that waits this long without progress (in a collective whose peer died "
+                "or hung) ends the run, naming the stalled rank (megatron_rlvr/watchdog.py). "
+                "Must exceed the longest wait between ranks, e.g. rollout imbalance.")
 
 
 @dataclass
@@ -415,6 +419,7 @@ def validate(cfg: Config) -> None:
         need(0 <= v < 1, f"trainer.{name} must be in [0, 1), got {v}")
     positive("trainer.adam_eps", t.adam_eps)
     positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
+    positive("trainer.collective_timeout_s", t.collective_timeout_s)
 
     need(bool(cfg.data.train_files), "data.train_files is required (a list of parquet paths)")
     need(bool(cfg.data.prompt_key), "data.prompt_key must not be empty")

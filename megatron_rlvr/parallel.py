@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr import platform
+from megatron_rlvr import watchdog as stall_watchdog
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,19 @@ def _free_port() -> int:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
-                     timeout_s: float = 600.0) -> Layout:
+                     timeout_s: float = 600.0, watchdog: bool = False) -> Layout:
     """Initialise torch.distributed from torchrun's env vars (or as a single process) and
-    Megatron's model-parallel groups. Idempotent for the same layout."""
+    Megatron's model-parallel groups. Idempotent for the same layout.
+
+    A collective that waits `timeout_s` for a peer ends the run. With `watchdog`, a per-rank
+    thread (megatron_rlvr/watchdog.py) does it and names the rank that stalled; the backend's own
+    timeout then comes a little later, as a backstop.
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     platform.setup()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    backend_timeout = stall_watchdog.backend_timeout_s(timeout_s) if watchdog else timeout_s
     layout = derive_layout(world_size, tp, pp, cp)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a one-process group
@@ -67,7 +74,9 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
         if platform.has_cuda():
             torch.cuda.set_device(platform.device())
         dist.init_process_group(backend=platform.backend(),
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=backend_timeout))
+    if watchdog and world_size > 1:
+        stall_watchdog.start(timeout_s)
     if parallel_state.model_parallel_is_initialized():
         current = Layout(parallel_state.get_tensor_model_parallel_world_size(),
                          parallel_state.get_pipeline_model_parallel_world_size(),
@@ -78,7 +87,7 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
         return layout
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        context_parallel_size=cp)
+        context_parallel_size=cp, distributed_timeout_minutes=backend_timeout / 60)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout
 
@@ -86,6 +95,7 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
+    stall_watchdog.stop()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -69,7 +69,8 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = data_parallel_size(cfg, world)
         p = cfg.parallel
-        init_distributed(p.tp, p.pp, p.cp, seed=cfg.trainer.seed)
+        init_distributed(p.tp, p.pp, p.cp, seed=cfg.trainer.seed,
+                         timeout_s=cfg.trainer.collective_timeout_s, watchdog=True)
         from megatron.core import parallel_state as ps
         from transformers import AutoTokenizer
 
