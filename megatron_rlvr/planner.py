@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -353,29 +354,43 @@ def format_table(plans: list[Plan]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+# Built-in values of the knobs a --config file can also set; an explicit flag beats both.
+_BUILTIN = dict(tp=None, pp=1, cp=1, vllm_tp=1, prompt_len=2048, response_len=20480, micro_batch=1,
+                recompute="full")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m megatron_rlvr.planner",
+        prog="python -m megatron_rlvr plan",
         description="Per-GPU memory of an RLVR run (Megatron policy + colocated vLLM) and the "
-                    "layouts that fit. With --tp, checks that one layout; without, lists the "
-                    "layouts of --nodes x --gpus-per-node that fit, cheapest first.")
-    p.add_argument("--hf-config", required=True, help="the model's Hugging Face config.json")
+                    "layouts that fit. With --config, checks the layout, lengths and batch sizes "
+                    "of a trainer config (flags override it); with --tp, checks that one layout; "
+                    "otherwise lists the layouts of --nodes x --gpus-per-node that fit, cheapest "
+                    "first. A layout that does not fit is followed by the ones that do.")
+    p.add_argument("--config", help="trainer YAML: layout from parallel.* and rollout.vllm_tp, "
+                                    "lengths from rollout.*, micro-batch from trainer.*, model "
+                                    "from model.hf_dir/config.json unless --hf-config is given")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tp=8")
+    p.add_argument("--hf-config", help="the model's Hugging Face config.json")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--tp", type=int, help="check this one layout (with --pp, --cp, --vllm-tp)")
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--vllm-tp", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=2048)
-    p.add_argument("--response-len", type=int, default=20480)
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
-    p.add_argument("--recompute", choices=("full", "none"), default="full")
+    p.add_argument("--pp", type=int)
+    p.add_argument("--cp", type=int)
+    p.add_argument("--vllm-tp", type=int)
+    p.add_argument("--prompt-len", type=int, help="default 2048")
+    p.add_argument("--response-len", type=int, help="default 20480")
+    p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
+    p.add_argument("--recompute", choices=("full", "none"), help="default full")
     p.add_argument("--no-sequence-parallel", action="store_true")
-    p.add_argument("--num-microbatches", type=int, help="per DP rank per step (default: >= pp)")
+    p.add_argument("--num-microbatches", type=int,
+                   help="per DP rank per step (default: from --config's batch sizes, else >= pp)")
     p.add_argument("--rollout-seqs-per-gpu", type=int, default=4,
                    help="full-length sequences in flight per GPU of a vLLM engine (sizes its KV cache)")
     p.add_argument("--overhead-gib", type=float, default=4.0)
+    p.add_argument("--suggest", action="store_true",
+                   help="after checking a layout, list the layouts that fit even if it fits")
     p.add_argument("--top", type=int, default=15, help="rows to print when suggesting")
     return p
 
@@ -387,21 +402,62 @@ def _positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str)
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Fill unset flags from the trainer config; return the HF config path to plan."""
+    from megatron_rlvr.config import ConfigError, data_parallel_size, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    par, r, t = cfg.parallel, cfg.rollout, cfg.trainer
+    given = dict(tp=par.tp, pp=par.pp, cp=par.cp, vllm_tp=r.vllm_tp,
+                 prompt_len=r.max_prompt_length, response_len=r.max_response_length,
+                 micro_batch=t.micro_batch_size,
+                 recompute="full" if cfg.model.recompute_activations else "none")
+    for name, value in given.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.no_sequence_parallel = args.no_sequence_parallel or not par.sequence_parallel
+    if args.num_microbatches is None:
+        par.tp, par.pp, par.cp = args.tp, args.pp, args.cp      # as the flags say
+        try:
+            dp = data_parallel_size(cfg, args.nodes * args.gpus_per_node)
+        except ConfigError as e:
+            p.error(str(e))
+        args.num_microbatches = t.ppo_mini_batch_size * r.n // (dp * args.micro_batch)
+    if args.hf_config is not None:
+        return args.hf_config
+    path = os.path.join(cfg.model.hf_dir, "config.json")
+    if not os.path.exists(path):
+        p.error(f"model.hf_dir {cfg.model.hf_dir!r} has no config.json here; pass --hf-config "
+                "(e.g. examples/configs/hf/qwen3-14b-base.json)")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
+    if args.overrides and args.config is None:
+        p.error(f"config overrides {args.overrides} need --config")
     _positive(p, args, "nodes", "gpus_per_node", "gpu_memory_gib", "tp", "pp", "cp", "vllm_tp",
               "prompt_len", "response_len", "micro_batch", "num_microbatches", "rollout_seqs_per_gpu",
               "top")
+    hf_config = _from_config(p, args) if args.config else args.hf_config
+    if hf_config is None:
+        p.error("give --config or --hf-config")
+    for name, value in _BUILTIN.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
-        with open(args.hf_config) as f:
+        with open(hf_config) as f:
             cfg = json.load(f)
     except OSError as e:
-        p.error(f"cannot read --hf-config {args.hf_config}: {e.strerror}")
+        p.error(f"cannot read --hf-config {hf_config}: {e.strerror}")
     except json.JSONDecodeError as e:
-        p.error(f"--hf-config {args.hf_config} is not valid JSON: {e}")
+        p.error(f"--hf-config {hf_config} is not valid JSON: {e}")
     try:
-        shape = Shape.from_hf_config(cfg, args.hf_config)
+        shape = Shape.from_hf_config(cfg, hf_config)
     except ValueError as e:
         p.error(str(e))
     work = Workload(seq_len=args.prompt_len + args.response_len, micro_batch=args.micro_batch,
@@ -411,9 +467,11 @@ def main(argv: list[str] | None = None) -> int:
                     rollout_seqs_per_gpu=args.rollout_seqs_per_gpu,
                     overhead_gib=args.overhead_gib)
     world = args.nodes * args.gpus_per_node
-    print(f"{args.hf_config}: {total_params(shape) / 1e9:.2f}B parameters; {args.nodes} x "
-          f"{args.gpus_per_node} GPUs of {args.gpu_memory_gib:g} GiB; sequences of "
+    n = total_params(shape)
+    print(f"{hf_config}: {n / 1e9:.2f}B parameters ({n:,}); "
+          f"{args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory_gib:g} GiB; sequences of "
           f"{work.seq_len} tokens, micro-batch {work.micro_batch}, recompute {args.recompute}, "
+          f"sequence parallel {'on' if work.sequence_parallel else 'off'}, "
           f"{work.rollout_seqs_per_gpu} full-length rollout sequences per vLLM GPU")
     if args.tp is not None:
         mp = args.tp * args.pp * args.cp
@@ -426,9 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(lay, memory(shape, lay, work), int(args.gpu_memory_gib * GIB))
         print(format_table([plan]))
         ok = plan.memory.peak <= plan.gpu_memory
-        print(f"stage {plan.memory.stage}: peak {plan.memory.peak / GIB:.1f} GiB -> "
-              + ("fits" if ok else "DOES NOT FIT"))
+        print(f"stage {plan.memory.stage}: {plan.memory.params:,} parameters per GPU, "
+              f"{work.num_microbatches or 'pp'} micro-batches per DP rank per optimizer step; "
+              f"peak {plan.memory.peak / GIB:.1f} GiB -> " + ("fits" if ok else "DOES NOT FIT"))
+        if ok and not args.suggest:
+            return 0
+        print("layouts that fit:" if not ok else "other layouts that fit:")
+        _suggest(shape, args, work)
         return 0 if ok else 1
+    return _suggest(shape, args, work)
+
+
+def _suggest(shape: Shape, args: argparse.Namespace, work: Workload) -> int:
     plans = suggest_layouts(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gib, work)
     if not plans:
         print("no layout fits; try recompute, more nodes, a shorter response or fewer "
