@@ -156,3 +156,18 @@ def test_plan_reads_the_recipe(script, capsys):
     assert planner.main(argv + ["--gpu-memory-gib", "40"]) == 1     # too small: suggestions
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "layouts that fit:" in out
+
+
+def test_planner_counts_equal_megatron_meta_models():
+    """Every GPU's parameter count at the recipes' layouts (and pipelined ones) equals the
+    Megatron model our builder makes on the meta device, for all the real HF configs."""
+    hf = EXAMPLES / "configs" / "hf"
+    cases = [f"{hf / name}:{tp}:{pp}" for name, tp, pp in (
+        ("qwen3-14b-base.json", 4, 1), ("qwen3-14b-base.json", 4, 2), ("qwen3-32b.json", 8, 1),
+        ("qwen3-32b.json", 2, 4), ("qwen3-8b-base.json", 2, 2), ("qwen2.5-72b.json", 8, 2),
+        ("llama-3.1-70b.json", 8, 2))]
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "planner_meta_params.py"),
+                           *cases], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.count("OK ") == 1 + 2 + 1 + 4 + 2 + 2 + 2   # one line per stage
