@@ -1,0 +1,245 @@
+"""Convert checkpoints between Hugging Face safetensors and our Megatron format.
+
+    python -m checkpoint_tools.convert hf-to-mcore --hf-dir H --out-dir M
+    python -m checkpoint_tools.convert mcore-to-hf --mcore-dir M --out-dir H2
+    python -m checkpoint_tools.convert dry-run --hf-config config.json --tp 8 --pp 4
+
+The Megatron checkpoint (`megatron_rlvr.checkpoint`) is what the trainer saves and resumes from; it
+loads at any TP/PP/CP layout, so the layout used here only decides how many processes share the
+work. Both directions run as one CPU process, or under torchrun with --tp/--pp when one process
+cannot hold the model:
+
+    torchrun --nproc_per_node=8 -m checkpoint_tools.convert hf-to-mcore --hf-dir H --out-dir M --tp 8
+
+Exports are exact: HF -> Megatron -> HF reproduces every tensor bit for bit in the same dtype.
+A user's mistake ends with one `convert: error: ...` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr.models.hf_checkpoint import CheckpointError
+from megatron_rlvr.models.spec import UnsupportedModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARAM_DTYPES = ("float32", "bfloat16")  # what our Megatron model is built in
+
+
+def _param_dtype(name: str, where: str) -> torch.dtype:
+    if name not in PARAM_DTYPES:
+        raise ValueError(f"{where}: Megatron parameters in {name} are not supported; "
+                         f"pass --dtype with one of {', '.join(PARAM_DTYPES)}")
+    return DTYPES[name]
+
+
+def _refuse_existing(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to "
+                              "replace it")
+
+
+def _on_every_rank(fn) -> None:
+    """Run `fn`; if it fails on any rank, raise that error on every rank, so that no rank is left
+    waiting in a collective for one that read a bad file (each stage reads only its own tensors)."""
+    error = None
+    try:
+        fn()
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointError(first)
+
+
+def check_hf_input(spec, hf_dir: str) -> None:
+    """Names, shapes and readable headers of every input file, checked before any model is built:
+    a wrong checkpoint fails in seconds, not after a 70B model is allocated."""
+    from megatron_rlvr.models.convert import check_checkpoint_names
+    from megatron_rlvr.models.families import family
+    from megatron_rlvr.models.hf_checkpoint import HFCheckpoint
+    from megatron_rlvr.models.mapping import hf_shapes
+
+    ckpt = HFCheckpoint(hf_dir)
+    check_checkpoint_names(spec, ckpt)
+    for rule in family(spec.family).rules(spec):
+        for name, shape in zip(rule.hf, hf_shapes(spec, rule)):
+            found = ckpt.shape(name)
+            if found != tuple(shape):
+                raise CheckpointError(f"{hf_dir}: tensor {name} has shape {list(found)}, "
+                                      f"expected {list(shape)} for {spec.architecture}")
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1,
+                dtype: str | None = None, overwrite: bool = False) -> str:
+    """Build the model at the layout, load the HF weights, save a Megatron checkpoint."""
+    from megatron_rlvr.checkpoint import save_checkpoint
+    from megatron_rlvr.models.builder import build_model
+    from megatron_rlvr.models.convert import load_hf_weights
+    from megatron_rlvr.models.spec import read_model_spec
+    from megatron_rlvr.parallel import init_distributed
+
+    spec = read_model_spec(hf_dir)
+    _refuse_existing(out_dir, overwrite)
+    param_dtype = _param_dtype(dtype or spec.torch_dtype, f"{hf_dir}/config.json torch_dtype")
+    check_hf_input(spec, hf_dir)
+    init_distributed(tp, pp, cp)
+    model = build_model(spec, dtype=param_dtype)
+    _on_every_rank(lambda: load_hf_weights(model, spec, hf_dir))
+    return save_checkpoint(out_dir, [model], hf_dir=hf_dir, overwrite=overwrite)
+
+
+def _exported_config(src_hf_dir: str, out_dir: str, dtype_name: str) -> None:
+    """Copy config and tokenizer files; record the exported dtype in config.json."""
+    from megatron_rlvr.checkpoint import copy_hf_metadata
+
+    copy_hf_metadata(src_hf_dir, out_dir)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    if any(cfg.get(k) != dtype_name for k in keys):
+        cfg.update({k: dtype_name for k in keys})
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def mcore_to_hf(mcore_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1,
+                dtype: str | None = None, max_shard_bytes: int = 5 * 1024 ** 3,
+                overwrite: bool = False) -> str:
+    """Load the Megatron checkpoint at the layout and stream it out as sharded safetensors.
+
+    Every rank takes part in gathering each tensor; rank 0 alone writes. Output dtype: `dtype`,
+    else the `torch_dtype` of the stored config.json.
+    """
+    from checkpoint_tools.hf_writer import plan_shards, write_sharded
+    from megatron_rlvr.checkpoint import INCOMPLETE_SUFFIX, load_checkpoint, read_info, replace_dir
+    from megatron_rlvr.models.builder import build_model
+    from megatron_rlvr.models.convert import iter_hf_weights
+    from megatron_rlvr.models.families import family
+    from megatron_rlvr.models.mapping import hf_shapes
+    from megatron_rlvr.parallel import init_distributed
+
+    info = read_info(mcore_dir)
+    spec = info["spec"]
+    _refuse_existing(out_dir, overwrite)
+    out_name = dtype or spec.torch_dtype
+    if out_name not in DTYPES:
+        raise ValueError(f"cannot export in dtype {out_name!r}; pass --dtype with one of "
+                         f"{', '.join(DTYPES)}")
+    init_distributed(tp, pp, cp)
+    model = build_model(spec, dtype=_param_dtype(info["params_dtype"], mcore_dir))
+    load_checkpoint(mcore_dir, [model], spec=spec)
+
+    shapes = [(n, s) for rule in family(spec.family).rules(spec)
+              for n, s in zip(rule.hf, hf_shapes(spec, rule))]
+    shards = plan_shards(shapes, DTYPES[out_name], max_shard_bytes)
+    rank0 = dist.get_rank() == 0
+    tmp = os.path.abspath(out_dir) + INCOMPLETE_SUFFIX
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    stream = iter_hf_weights(model, spec, dtype=DTYPES[out_name])
+    write_sharded(stream, tmp, shards, write=rank0)
+    if rank0:
+        _exported_config(info["hf_dir"], tmp, out_name)
+        replace_dir(tmp, os.path.abspath(out_dir))
+    dist.barrier()
+    return out_dir
+
+
+def run_dry_run(hf_config: str, layouts: list[tuple[int, int]]) -> bool:
+    from checkpoint_tools.dry_run import dry_run, format_report
+    from megatron_rlvr.models.spec import read_model_spec
+
+    spec = read_model_spec(hf_config)  # clear errors for a missing file, bad JSON, unknown model
+    path = os.path.join(hf_config, "config.json") if os.path.isdir(hf_config) else hf_config
+    with open(path) as f:
+        config = json.load(f)
+    ok = True
+    for tp, pp in layouts:
+        rep = dry_run(spec, config, tp, pp)
+        print(format_report(spec, rep), flush=True)
+        ok &= rep.ok
+    return ok
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m checkpoint_tools.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def layout(q, help_suffix=""):
+        q.add_argument("--tp", type=int, default=1, help="tensor-parallel size" + help_suffix)
+        q.add_argument("--pp", type=int, default=1, help="pipeline-parallel size" + help_suffix)
+
+    a = sub.add_parser("hf-to-mcore", help="Hugging Face safetensors -> Megatron checkpoint",
+                       description="Convert an HF checkpoint directory (config.json, safetensors, "
+                       "tokenizer) into a Megatron checkpoint that loads at any layout.")
+    a.add_argument("--hf-dir", required=True, help="Hugging Face checkpoint directory")
+    a.add_argument("--out-dir", required=True, help="Megatron checkpoint directory to create")
+    a.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
+                   help="parameter dtype (default: the config's torch_dtype)")
+    layout(a, " used for the conversion (torchrun processes = tp x pp)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+
+    b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> Hugging Face safetensors",
+                       description="Export a Megatron checkpoint (converted or saved by the "
+                       "trainer) as sharded safetensors with index, config and tokenizer files.")
+    b.add_argument("--mcore-dir", required=True, help="Megatron checkpoint directory")
+    b.add_argument("--out-dir", required=True, help="Hugging Face directory to create")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="output dtype (default: the torch_dtype of the stored config.json)")
+    b.add_argument("--max-shard-gib", type=float, default=5.0,
+                   help="largest safetensors file, GiB (default 5)")
+    layout(b, " used for the export (torchrun processes = tp x pp)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+
+    c = sub.add_parser("dry-run", help="check the mapping on a real config, no weights allocated",
+                       description="Produce every HF tensor name and shape through our mapping at "
+                       "a TP x PP layout on the meta device, compare with transformers' model for "
+                       "the config, and print per-rank parameter counts.")
+    c.add_argument("--hf-config", required=True, help="config.json file (or its directory)")
+    c.add_argument("--tp", type=int, nargs="+", default=[8], help="tensor-parallel size(s)")
+    c.add_argument("--pp", type=int, nargs="+", default=[4], help="pipeline-parallel size(s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "dry-run":
+            layouts = [(t, p) for t in args.tp for p in args.pp]
+            return 0 if run_dry_run(args.hf_config, layouts) else 1
+        from megatron_rlvr.parallel import destroy_distributed
+        try:
+            if args.command == "hf-to-mcore":
+                out = hf_to_mcore(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp,
+                                  dtype=args.dtype, overwrite=args.overwrite)
+            else:
+                if args.max_shard_gib <= 0:
+                    raise ValueError(f"--max-shard-gib must be positive, got {args.max_shard_gib}")
+                out = mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
+                                  dtype=args.dtype, overwrite=args.overwrite,
+                                  max_shard_bytes=int(args.max_shard_gib * 1024 ** 3))
+        finally:
+            destroy_distributed()
+    except (CheckpointError, UnsupportedModelError, ValueError, FileNotFoundError,
+            FileExistsError) as e:
+        print(f"convert: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"convert: wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # the checkpoint save re-imports this module in a helper process
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""HF <-> Megatron conversion and the Megatron checkpoint: exact roundtrips, layouts, errors.
+
+The roundtrip across layouts runs tests/dist/checkpoint_roundtrip.py under torchrun (4 processes);
+every exported HF directory is compared here with its input, tensor by tensor, bit for bit.
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoint_tools import convert
+from checkpoint_tools.dry_run import dry_run
+from megatron_rlvr import checkpoint, planner
+from megatron_rlvr.models.spec import read_model_spec
+from megatron_rlvr.models.tiny import save_tiny_model
+from torchrun import ROOT, torchrun
+
+MODELS = [("qwen3", {"tie": True}), ("qwen3", {"tie": False}), ("qwen2", {"tie": True}),
+          ("llama", {"tie": False})]
+REAL_CONFIGS = sorted(glob.glob(str(ROOT / "examples/configs/hf/*.json")))
+
+
+def _cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", *args],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _tensors(hf_dir):
+    out = {}
+    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def assert_bitwise_equal(original_dir, exported_dir):
+    a, b = _tensors(original_dir), _tensors(exported_dir)
+    assert sorted(a) == sorted(b), f"names differ: {sorted(set(a) ^ set(b))}"
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), \
+            f"{exported_dir}: {name} differs from {original_dir}"
+    index = json.load(open(os.path.join(exported_dir, "model.safetensors.index.json")))
+    assert set(index["weight_map"]) == set(a)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    dirs = []
+    for i, (family, kwargs) in enumerate(MODELS):
+        d = str(root / f"{family}_{i}")
+        save_tiny_model(d, family, seed=10 + i, with_tokenizer=i == 0, **kwargs)
+        dirs.append(d)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def converted(models, tmp_path_factory):
+    """hf-to-mcore with the CLI, one process each (run side by side)."""
+    root = tmp_path_factory.mktemp("mcore")
+    outs = [str(root / f"m1_{i}") for i in range(len(models))]
+    procs = [subprocess.Popen([sys.executable, "-m", "checkpoint_tools.convert", "hf-to-mcore",
+                               "--hf-dir", h, "--out-dir", m], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for h, m in zip(models, outs)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    return outs
+
+
+# ----------------------------------------------------------------------- single process, CLI
+
+def test_mcore_checkpoint_is_self_contained(models, converted):
+    m = converted[0]
+    for name in ("COMPLETE", "megatron_rlvr.json", "metadata.json", "hf/config.json",
+                 "hf/tokenizer.json", "hf/tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(m, name)), name
+    info = checkpoint.read_info(m)
+    assert info["spec"] == read_model_spec(models[0])
+    assert info["saved_layout"] == {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
+    assert not glob.glob(m + "*.incomplete")
+
+
+def test_mcore_to_hf_single_process(models, converted, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path / "hf")
+    _cli("mcore-to-hf", "--mcore-dir", converted[0], "--out-dir", out, "--max-shard-gib", "0.001")
+    assert_bitwise_equal(models[0], out)
+    shards = glob.glob(os.path.join(out, "model-*-of-*.safetensors"))
+    assert len(shards) > 1 and all(os.path.getsize(f) < 1.2 * 2 ** 30 / 1000 for f in shards)
+    assert json.load(open(os.path.join(out, "config.json"))) == \
+        json.load(open(os.path.join(models[0], "config.json")))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref = AutoModelForCausalLM.from_pretrained(models[0])
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert AutoTokenizer.from_pretrained(out).encode("What is 1 + 2?") == \
+        AutoTokenizer.from_pretrained(models[0]).encode("What is 1 + 2?")
+
+    # Refuses an existing directory; --overwrite replaces it (no stale shards), --dtype is kept.
+    refused = _cli("mcore-to-hf", "--mcore-dir", converted[0], "--out-dir", out, check=False)
+    assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr
+    _cli("mcore-to-hf", "--mcore-dir", converted[0], "--out-dir", out, "--dtype", "bfloat16",
+         "--overwrite")
+    assert glob.glob(os.path.join(out, "*.safetensors")) == \
+        [os.path.join(out, "model-00001-of-00001.safetensors")]
+    exported = _tensors(out)
+    for name, t in _tensors(models[0]).items():
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], t.bfloat16())
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------- across layouts
+
+@pytest.mark.slow
+def test_roundtrip_across_layouts_bitwise(models, converted, tmp_path):
+    """HF -> Megatron (TP1) -> TP2×PP2 -> DP2×CP2 -> HF equals the input bit for bit; so do the
+    exports made at TP2×PP2 and DP2×CP2, and a TP2×PP2 conversion; optimizer state resumes."""
+    work = str(tmp_path)
+    log = torchrun(ROOT / "tests/dist/checkpoint_roundtrip.py", 4, "--work", work,
+                   "--hf", *models, "--mcore", *converted)
+    assert log.count("parity tp2pp2") == len(models) and log.count("parity dp2cp2") == len(models)
+    assert "checkpoint_roundtrip OK" in log
+    assert "resume TP2xPP2 -> DP2xCP2: loss" in log and "resume TP2xPP2 -> DP4: loss" in log
+    verdict = [line for line in log.splitlines() if line.startswith("verify: logits")]
+    assert verdict and verdict[-1].endswith("PASS"), log[-3000:]
+    for i, hf in enumerate(models):
+        assert_bitwise_equal(hf, f"{work}/hf_tp2pp2_{i}")
+        assert_bitwise_equal(hf, f"{work}/hf_cp2_{i}")
+        assert checkpoint.read_info(f"{work}/m3_{i}")["saved_layout"] == \
+            {"tp": 1, "pp": 1, "cp": 2, "dp": 2}
+    assert_bitwise_equal(models[0], f"{work}/hf_from_tp2pp2")
+    assert checkpoint.read_info(f"{work}/m_tp2pp2")["saved_layout"]["tp"] == 2
+    assert len(glob.glob(f"{work}/hf_tp2pp2_0/model-*.safetensors")) > 1  # 200 kB shards
+    assert not os.path.exists(f"{work}/never")
+
+
+# ----------------------------------------------------------------------------------- dry run
+
+@pytest.mark.parametrize("path", REAL_CONFIGS, ids=os.path.basename)
+def test_dry_run_real_configs(path):
+    config = json.load(open(path))
+    spec = read_model_spec(config)
+    shape = planner.Shape.from_hf_config(config)
+    for tp, pp in [(8, 4), (8, 1), (4, 2), (2, 4), (1, 1)]:
+        rep = dry_run(spec, config, tp, pp)
+        assert rep.ok, (tp, pp, rep.missing[:5], rep.extra[:5], rep.shape_errors[:5])
+        assert rep.megatron_total == rep.hf_params == planner.total_params(shape)
+        assert rep.stage_params == [planner.stage_params(shape, tp, pp, s) for s in range(pp)]
+
+
+def test_dry_run_cli_prints_per_stage_counts(capsys):
+    path = str(ROOT / "examples/configs/hf/qwen3-14b-base.json")
+    assert convert.main(["dry-run", "--hf-config", path, "--tp", "8", "--pp", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "HF tensors 443: missing 0, extra 0, shape errors 0" in out
+    assert out.count("\n    ") >= 4  # one row per stage
+    assert "parameters: Megatron layout 14,768,307,200 transformers 14,768,307,200 PASS" in out
+
+
+def test_dry_run_catches_a_wrong_mapping(monkeypatch):
+    """A mapping that put o_proj's input dim first would be caught (shapes vs transformers)."""
+    from checkpoint_tools import dry_run as dr
+    from megatron_rlvr.models.mapping import hf_shapes
+
+    def wrong(spec, rule):
+        shapes = hf_shapes(spec, rule)
+        return [s[::-1] for s in shapes] if "linear_proj" in rule.megatron else shapes
+
+    monkeypatch.setattr(dr, "hf_shapes", wrong)
+    config = json.load(open(ROOT / "examples/configs/hf/qwen3-32b.json"))  # o_proj not square
+    rep = dr.dry_run(read_model_spec(config), config, 8, 4)
+    assert not rep.ok and any("o_proj" in e for e in rep.shape_errors)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+def _error(capsys, *argv):
+    assert convert.main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convert: error: ") and "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def copy_of(models, tmp_path):
+    def make(i=0):
+        d = str(tmp_path / f"copy{i}")
+        shutil.copytree(models[i], d)
+        return d
+    return make
+
+
+def _rewrite(hf_dir, fn):
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_error_unknown_architecture(copy_of, capsys, tmp_path):
+    d = copy_of()
+    cfg = json.load(open(f"{d}/config.json"))
+    cfg["architectures"] = ["MistralForCausalLM"]
+    json.dump(cfg, open(f"{d}/config.json", "w"))
+    err = _error(capsys, "hf-to-mcore", "--hf-dir", d, "--out-dir", str(tmp_path / "m"))
+    assert "unsupported architecture 'MistralForCausalLM'" in err and "Qwen3ForCausalLM" in err
+    err = _error(capsys, "dry-run", "--hf-config", f"{d}/config.json")
+    assert "MistralForCausalLM" in err
+
+
+def test_error_missing_and_extra_tensors_are_named(copy_of, capsys, tmp_path):
+    d = copy_of(1)
+    _rewrite(d, lambda t: (t.pop("model.layers.2.self_attn.k_norm.weight"),
+                           t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)})))
+    err = _error(capsys, "hf-to-mcore", "--hf-dir", d, "--out-dir", str(tmp_path / "m"))
+    assert "missing 1 tensor(s): model.layers.2.self_attn.k_norm.weight" in err
+    assert "unexpected 1 tensor(s): model.layers.0.mlp.extra.weight" in err
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_error_shape_mismatch_names_both_shapes(copy_of, capsys, tmp_path):
+    d = copy_of(3)
+    _rewrite(d, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(255, 128)}))
+    err = _error(capsys, "hf-to-mcore", "--hf-dir", d, "--out-dir", str(tmp_path / "m"))
+    assert "model.layers.1.mlp.up_proj.weight has shape [255, 128], expected [256, 128]" in err
+
+
+def test_error_truncated_safetensors(copy_of, capsys, tmp_path):
+    d = copy_of()
+    path = os.path.join(d, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    err = _error(capsys, "hf-to-mcore", "--hf-dir", d, "--out-dir", str(tmp_path / "m"))
+    assert "model.safetensors" in err and "truncated" in err
+
+
+def test_error_existing_output_and_wrong_inputs(models, converted, capsys, tmp_path):
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    err = _error(capsys, "hf-to-mcore", "--hf-dir", models[0], "--out-dir", str(existing))
+    assert f"output directory {existing} already exists; pass --overwrite" in err
+    err = _error(capsys, "mcore-to-hf", "--mcore-dir", models[0], "--out-dir", str(tmp_path / "x"))
+    assert "looks like a Hugging Face checkpoint, not a Megatron checkpoint" in err
+    half = str(tmp_path / "half")
+    shutil.copytree(converted[0], half)
+    os.remove(os.path.join(half, checkpoint.COMPLETE_MARKER))
+    err = _error(capsys, "mcore-to-hf", "--mcore-dir", half, "--out-dir", str(tmp_path / "x"))
+    assert "checkpoint is incomplete" in err
+
+
+def test_cli_exit_code_and_help(copy_of, tmp_path):
+    d = copy_of()
+    _rewrite(d, lambda t: t.pop("model.norm.weight"))
+    proc = _cli("hf-to-mcore", "--hf-dir", d, "--out-dir", str(tmp_path / "m"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "missing 1 tensor(s): model.norm.weight" in proc.stderr
+    for sub, flag in (("hf-to-mcore", "--hf-dir"), ("mcore-to-hf", "--max-shard-gib"),
+                      ("dry-run", "--hf-config")):
+        assert flag in _cli(sub, "--help").stdout
+
+
+# ------------------------------------------------------------------------------ directories
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    root = str(tmp_path)
+    assert checkpoint.latest_checkpoint(root) is None
+    for step, complete in ((5, True), (7, True), (10, False)):
+        d = checkpoint.step_dir(root, step)
+        os.makedirs(d)
+        if complete:
+            open(os.path.join(d, checkpoint.COMPLETE_MARKER), "w").close()
+    os.makedirs(checkpoint.step_dir(root, 12) + checkpoint.INCOMPLETE_SUFFIX)
+    os.makedirs(os.path.join(root, "step_000099_backup"))
+    assert checkpoint.latest_checkpoint(root) == checkpoint.step_dir(root, 7)
+    assert checkpoint.step_dir(root, 7).endswith("step_000007")
