@@ -120,12 +120,8 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: i
     Every rank takes part in gathering each tensor; rank 0 alone writes. Output dtype: `dtype`,
     else the `torch_dtype` of the stored config.json.
     """
-    from checkpoint_tools.hf_writer import plan_shards, write_sharded
-    from megatron_rlvr.checkpoint import INCOMPLETE_SUFFIX, load_checkpoint, read_info, replace_dir
+    from megatron_rlvr.checkpoint import load_checkpoint, read_info
     from megatron_rlvr.models.builder import build_model
-    from megatron_rlvr.models.convert import iter_hf_weights
-    from megatron_rlvr.models.families import family
-    from megatron_rlvr.models.mapping import hf_shapes
     from megatron_rlvr.parallel import init_distributed
 
     info = read_info(mcore_dir)
@@ -138,19 +134,33 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: i
     init_distributed(tp, pp, cp)
     model = build_model(spec, dtype=_param_dtype(info["params_dtype"], mcore_dir))
     load_checkpoint(mcore_dir, [model], spec=spec)
+    return write_hf(model, spec, info["hf_dir"], out_dir, dtype=out_name,
+                    max_shard_bytes=max_shard_bytes)
+
+
+def write_hf(model, spec, source_hf_dir: str, out_dir: str, *, dtype: str,
+             max_shard_bytes: int = 5 * 1024 ** 3) -> str:
+    """Stream this rank's model stage out as an HF checkpoint in `out_dir` (a collective; rank 0
+    writes, atomically). `source_hf_dir` provides config and tokenizer files. Also the trainer's
+    final export."""
+    from checkpoint_tools.hf_writer import plan_shards, write_sharded
+    from megatron_rlvr.checkpoint import INCOMPLETE_SUFFIX, replace_dir
+    from megatron_rlvr.models.convert import iter_hf_weights
+    from megatron_rlvr.models.families import family
+    from megatron_rlvr.models.mapping import hf_shapes
 
     shapes = [(n, s) for rule in family(spec.family).rules(spec)
               for n, s in zip(rule.hf, hf_shapes(spec, rule))]
-    shards = plan_shards(shapes, DTYPES[out_name], max_shard_bytes)
+    shards = plan_shards(shapes, DTYPES[dtype], max_shard_bytes)
     rank0 = dist.get_rank() == 0
     tmp = os.path.abspath(out_dir) + INCOMPLETE_SUFFIX
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    stream = iter_hf_weights(model, spec, dtype=DTYPES[out_name])
+    stream = iter_hf_weights(model, spec, dtype=DTYPES[dtype])
     write_sharded(stream, tmp, shards, write=rank0)
     if rank0:
-        _exported_config(info["hf_dir"], tmp, out_name)
+        _exported_config(source_hf_dir, tmp, dtype)
         replace_dir(tmp, os.path.abspath(out_dir))
     dist.barrier()
     return out_dir
