@@ -125,6 +125,18 @@ def test_mcore_to_hf_single_process(models, converted, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
+def test_bfloat16_model_roundtrip(tmp_path):
+    """Real checkpoints are bfloat16: the Megatron model is built in it and nothing is rounded."""
+    hf, m, out = (str(tmp_path / n) for n in ("hf", "m", "out"))
+    save_tiny_model(hf, "qwen2", seed=5, dtype=torch.bfloat16, with_tokenizer=False)
+    assert json.load(open(f"{hf}/config.json"))["dtype"] == "bfloat16"
+    _cli("hf-to-mcore", "--hf-dir", hf, "--out-dir", m)
+    assert json.load(open(f"{m}/megatron_rlvr.json"))["params_dtype"] == "bfloat16"
+    _cli("mcore-to-hf", "--mcore-dir", m, "--out-dir", out)
+    assert_bitwise_equal(hf, out)
+    assert json.load(open(f"{out}/config.json")) == json.load(open(f"{hf}/config.json"))
+
+
 # ------------------------------------------------------------------------- across layouts
 
 @pytest.mark.slow
@@ -148,6 +160,11 @@ def test_roundtrip_across_layouts_bitwise(models, converted, tmp_path):
     assert checkpoint.read_info(f"{work}/m_tp2pp2")["saved_layout"]["tp"] == 2
     assert len(glob.glob(f"{work}/hf_tp2pp2_0/model-*.safetensors")) > 1  # 200 kB shards
     assert not os.path.exists(f"{work}/never")
+    served = subprocess.run([sys.executable, "tests/dist/checkpoint_vllm.py",
+                             f"{work}/hf_tp2pp2_0"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert served.returncode == 0 and "greedy tokens equal transformers'" in served.stdout, \
+        (served.stdout + served.stderr)[-4000:]
 
 
 # ----------------------------------------------------------------------------------- dry run
