@@ -161,8 +161,11 @@ class Trainer:
             if self._due(self.cfg.checkpoint.save_every):
                 self._save()
         if self.cfg.checkpoint.export_hf_at_end:
+            from checkpoint_tools.convert import write_hf
+
             out = os.path.join(self.cfg.logging.output_dir, "hf_export")
-            ckpt.export_hf(self.policy, out, source_hf_dir=self.cfg.model.hf_dir)
+            write_hf(self.policy.model[0], self.policy.spec, self.cfg.model.hf_dir, out,
+                     dtype=self.cfg.model.dtype)
             self.log.info(f"exported the final policy to {out}")
 
     def _due(self, every: int) -> bool:
