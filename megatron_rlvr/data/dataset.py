@@ -19,6 +19,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from megatron_rlvr.rollout.base import fit_prompts
+
 
 @dataclass
 class PromptRecord:
@@ -119,15 +121,13 @@ class PromptDataset:
                                               add_generation_prompt=True) if rows else []
         # The template already contains any special tokens; add none of our own.
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if rows else []
+        kept, dropped, truncated = fit_prompts(ids, max_prompt_length, prompt_overflow)
+        self.stats.prompts_dropped += len(dropped)
+        self.stats.prompts_truncated += truncated
         self.records: list[PromptRecord] = []
-        for (src, source, msgs, gt, extra), toks in zip(rows, ids):
-            if len(toks) > max_prompt_length:
-                if prompt_overflow == "drop":
-                    self.stats.prompts_dropped += 1
-                    continue
-                toks = toks[-max_prompt_length:]
-                self.stats.prompts_truncated += 1
-            self.records.append(PromptRecord(source, msgs, gt, extra, list(toks), src))
+        for i, toks in kept:
+            src, source, msgs, gt, extra = rows[i]
+            self.records.append(PromptRecord(source, msgs, gt, extra, toks, src))
         if not self.records:
             raise ValueError(f"no usable prompts in {list(files)}: {self.stats}")
 
