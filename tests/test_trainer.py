@@ -78,11 +78,19 @@ def test_micro_batch_scope_tp2(setup, tmp_path):
     out = tmp_path / "run"
     # TP2, DP1: one micro-batch of all 16 sequences = the seed code's unit of selection.
     _train(2, cfg, out, "parallel.tp=2", "trainer.micro_batch_size=16",
-           "algorithm.entropy_top_scope=micro_batch")
+           "algorithm.entropy_top_scope=micro_batch", "checkpoint.export_hf_at_end=true")
     _check_run(out, 3, 0.2)
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert ckpts == ["step_000003"], ckpts  # keep_last 1; the final step is saved too
     assert os.path.exists(out / "checkpoints" / "step_000003" / "COMPLETE")
+    # The exported policy is a loadable HF checkpoint holding the trained (changed) weights.
+    import torch
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(out / "hf_export", dtype=torch.float32)
+    start = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
+    diffs = [(a - b).abs().max().item() for a, b in
+             zip(trained.state_dict().values(), start.state_dict().values())]
+    assert max(diffs) > 0, "the exported policy equals the starting model"
 
 
 def _comparable(records):
