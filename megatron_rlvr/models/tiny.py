@@ -41,17 +41,21 @@ def _default_corpus() -> list[str]:
 
 
 def build_tokenizer(out_dir: str | None = None, vocab_size: int = 512,
-                    corpus: Iterable[str] | None = None):
+                    corpus: Iterable[str] | None = None, split_digits: bool = False):
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template.
 
     Returns a `PreTrainedTokenizerFast`; saves it to `out_dir` when given. `vocab_size` is the
-    size of the learned vocabulary including the special tokens.
+    size of the learned vocabulary including the special tokens (at most: a small corpus may
+    run out of merges first). `split_digits` makes every digit its own token, as Qwen's
+    tokenizer does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  byte_level]) if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
