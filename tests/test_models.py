@@ -112,3 +112,20 @@ def test_torchrun_reports_layout_error(tiny_models):
 @pytest.mark.slow
 def test_nonfinite_loss_skips_the_update(tiny_models):
     torchrun(ROOT / "tests/dist/nonfinite_step.py", 2, "--tp", "2", tiny_models[0])
+
+
+def test_transformer_engine_names_map_to_the_same_rules():
+    """The GPU (TE) layer spec fuses the norms into linear_qkv / linear_fc1; TE is not installable
+    here, so this checks the renaming against the local-spec names our rule tables use."""
+    from megatron_rlvr.models.convert import canonical_layer_param
+    from megatron_rlvr.models.families import family
+
+    spec = read_model_spec({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 64,
+                            "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 128})
+    local = {r.megatron.split(".", 3)[3] for r in family("qwen3").layer_rules(spec)}
+    te = {"self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
+          "self_attention.linear_proj.weight", "self_attention.q_layernorm.weight",
+          "self_attention.k_layernorm.weight", "mlp.linear_fc1.layer_norm_weight",
+          "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"}
+    assert {canonical_layer_param(n) for n in te} == local

@@ -54,6 +54,20 @@ def _unwrap(model):
     return model
 
 
+# Transformer-Engine's layer spec (GPU) fuses the pre-attention and pre-MLP norms into the linear
+# layer that follows them; we name those weights as the local spec does, so one rule table serves
+# both (Megatron's own checkpoints map the same pairs: `sharded_state_dict_keys_map`).
+_TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def canonical_layer_param(rest: str) -> str:
+    """A layer parameter's name (after `decoder.layers.<i>.`) as the local spec spells it."""
+    return _TE_FUSED_NORMS.get(rest, rest)
+
+
 def _local_params(model) -> dict[str, torch.nn.Parameter]:
     """This stage's parameters keyed by their global Megatron names (global layer numbers)."""
     model = _unwrap(model)
@@ -65,7 +79,7 @@ def _local_params(model) -> dict[str, torch.nn.Parameter]:
     for name, p in model.named_parameters():
         if name.startswith("decoder.layers."):
             _, _, j, rest = name.split(".", 3)
-            name = f"decoder.layers.{local_to_global[int(j)]}.{rest}"
+            name = f"decoder.layers.{local_to_global[int(j)]}.{canonical_layer_param(rest)}"
         out[name] = p
     return out
 
