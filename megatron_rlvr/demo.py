@@ -33,7 +33,7 @@ from megatron_rlvr.models.tiny import build_tokenizer, tiny_config
 class DemoSettings:
     """Task difficulty, model size and warm-start budget of the demo's starting point."""
     digits: int = 2
-    operators: tuple[str, ...] = ("+", "-")
+    operators: tuple[str, ...] = ("+",)
     num_train: int = 2048           # RL prompts
     num_val: int = 64               # held-out prompts (RL validation, starting accuracy)
     # model
@@ -44,9 +44,9 @@ class DemoSettings:
     head_dim: int = 32              # vLLM's CPU attention needs >= 32
     intermediate_size: int = 384
     # supervised warm start
-    sft_examples: int = 4096
-    sft_steps: int = 300
-    sft_batch_size: int = 64
+    sft_examples: int = 40000       # more than steps x batch: no problem is seen twice
+    sft_steps: int = 600
+    sft_batch_size: int = 32
     sft_lr: float = 3e-3
     sft_warmup_steps: int = 20
     # starting-accuracy measurement (the RL rollout settings)
@@ -212,17 +212,18 @@ def measure(model, tokenizer, rows: list[dict], settings: DemoSettings, pool, se
 
 
 def prepare(out_dir: str, *, seed: int = 0, settings: DemoSettings | None = None,
-            sft_steps: int | None = None, measure_start: bool = True) -> dict:
+            sft_steps: int | None = None, measure_start: bool = True, threads: int = 2) -> dict:
     """Write the data, the tokenizer and the warm-started model under `out_dir`.
 
     Layout: `out_dir/data/{train,val}.parquet`, `out_dir/model/` (an HF checkpoint: config.json,
     model.safetensors, tokenizer files), `out_dir/prepare.json` (what is returned). `sft_steps`
-    overrides the warm-start length (tests use a few steps).
+    overrides the warm-start length (tests use a few steps). `threads`: torch CPU threads (2, the
+    demo's budget; 1 where other processes share the cores, since idle OpenMP threads spin).
     """
     settings = settings or DemoSettings()
     if sft_steps is not None:
         settings = dataclasses.replace(settings, sft_steps=sft_steps)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     out = Path(out_dir)
     train, val = write_synthetic_dataset(
