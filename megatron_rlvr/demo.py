@@ -31,24 +31,32 @@ from megatron_rlvr.models.tiny import build_tokenizer, tiny_config
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Task difficulty, model size and warm-start budget of the demo's starting point."""
-    digits: int = 2
-    operators: tuple[str, ...] = ("+",)
+    """Task difficulty, model size and warm-start budget of the demo's starting point.
+
+    One-digit addition and subtraction: a 2-layer model learns the 200 facts in a few hundred
+    steps. Only `boxed_fraction` of the warm-start answers use `\\boxed{}` (the rest say "The
+    answer is 7."), so the warm-started model is right about the arithmetic but rewarded only
+    when it happens to box its answer: accuracy starts near `boxed_fraction` and RL has a clear,
+    prompt-independent behaviour to learn (measured: 0.23 -> 0.91 in 20 steps of DAPO top-20%).
+    """
+    digits: int = 1
+    operators: tuple[str, ...] = ("+", "-")
     num_train: int = 2048           # RL prompts
     num_val: int = 64               # held-out prompts (RL validation, starting accuracy)
     # model
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32              # vLLM's CPU attention needs >= 32
     intermediate_size: int = 384
     # supervised warm start
-    sft_examples: int = 40000       # more than steps x batch: no problem is seen twice
-    sft_steps: int = 600
-    sft_batch_size: int = 32
+    sft_examples: int = 4000
+    sft_steps: int = 300
+    sft_batch_size: int = 64
     sft_lr: float = 3e-3
     sft_warmup_steps: int = 20
+    boxed_fraction: float = 0.3     # share of warm-start answers in the rewarded format
     # starting-accuracy measurement (the RL rollout settings)
     eval_n: int = 8
     eval_temperature: float = 1.0
@@ -233,7 +241,8 @@ def prepare(out_dir: str, *, seed: int = 0, settings: DemoSettings | None = None
     tokenizer = make_tokenizer(None, settings, seed)
     model = build_model(settings, _model_vocab_size(tokenizer), seed)
     examples = warm_start_examples(settings.sft_examples, digits=settings.digits,
-                                   operators=settings.operators, seed=seed)
+                                   operators=settings.operators, seed=seed,
+                                   boxed_fraction=settings.boxed_fraction)
     sft_start = time.perf_counter()
     losses = warm_start(model, tokenizer, examples, steps=settings.sft_steps,
                         batch_size=settings.sft_batch_size, lr=settings.sft_lr,

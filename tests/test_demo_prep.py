@@ -16,7 +16,7 @@ from megatron_rlvr.rewards.math import extract_answer
 
 SMALL = demo.DemoSettings(num_train=64, num_val=16, hidden_size=64, num_layers=2, num_heads=2,
                           num_kv_heads=1, intermediate_size=128, sft_batch_size=32, sft_lr=5e-3,
-                          sft_warmup_steps=5)
+                          sft_warmup_steps=5, boxed_fraction=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -129,3 +129,11 @@ def test_transformer_engine_names_map_to_the_same_rules():
           "self_attention.k_layernorm.weight", "mlp.linear_fc1.layer_norm_weight",
           "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"}
     assert {canonical_layer_param(n) for n in te} == local
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [1.0, 0.2])
+def test_dapo_step_improves_the_objective(ratio, tiny_models):
+    out = torchrun(ROOT / "tests/dist/rl_direction.py", 2, "--tp", "2", "--ratio", str(ratio),
+                   tiny_models[0])
+    assert "delta" in out

@@ -74,18 +74,23 @@ def write_synthetic_dataset(out_dir: str, *, num_train: int = 2048, num_val: int
 
 
 def warm_start_examples(num: int, *, digits: int = 2, operators: Sequence[str] = ("+", "-"),
-                        seed: int = 0) -> list[dict]:
-    """Supervised examples: {"messages": [user turn], "response": worked answer + \\boxed{}}.
+                        seed: int = 0, boxed_fraction: float = 1.0) -> list[dict]:
+    """Supervised examples: {"messages": [user turn], "response": worked answer}.
 
-    The response states the operation and ends in the boxed value, teaching the answer format
-    the reward reads.
+    The response states the operation and ends in the value: boxed (`\\boxed{v}`, the format the
+    reward reads) in a `boxed_fraction` of the examples, plain ("The answer is v.") in the rest.
+    A model warm-started on a mix knows the arithmetic but uses the rewarded format only some of
+    the time: the behaviour RL with a verifier is good at fixing, fast, on every prompt at once.
     """
+    if not 0.0 <= boxed_fraction <= 1.0:
+        raise ValueError(f"boxed_fraction must be in [0, 1], got {boxed_fraction}")
     rng = random.Random(f"{seed}:sft")
     out = []
     for _ in range(num):
         a, op, b, value = make_problem(rng, digits, operators)
+        answer = f"\\boxed{{{value}}}" if rng.random() < boxed_fraction else str(value)
         out.append({
             "messages": [{"role": "user", "content": _question(a, op, b)}],
-            "response": f"{a} {op} {b} = {value}. The answer is \\boxed{{{value}}}.",
+            "response": f"{a} {op} {b} = {value}. The answer is {answer}.",
         })
     return out
