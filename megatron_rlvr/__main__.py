@@ -82,12 +82,15 @@ def main(argv=None) -> int:
 
 def _run_reporting_user_errors(fn, args) -> int:
     """A user's mistake (bad config, missing file, bad row, impossible layout) is one clear line."""
+    from megatron_rlvr.algos.dynamic_sampling import DynamicSamplingError
     from megatron_rlvr.config import ConfigError
     from megatron_rlvr.models.hf_checkpoint import CheckpointError
+    from megatron_rlvr.trainer import TrainingAborted
 
     try:
         return fn(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, DynamicSamplingError,
+            TrainingAborted) as e:
         if os.environ.get("MEGATRON_RLVR_DEBUG"):
             raise
         print(f"megatron_rlvr {args.command}: error: {e} (set MEGATRON_RLVR_DEBUG=1 for the "
