@@ -62,13 +62,17 @@ def run(cfg) -> int:
         max_prompt_tokens=r.max_prompt_length, prompt_overflow=r.prompt_overflow,
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager,
         gpu_memory_utilization=r.gpu_memory_utilization))
-    with RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s, answer_format=cfg.reward.format,
-                    memory_limit_mb=cfg.reward.memory_limit_mb) as pool:
-        metrics = evaluate(engine, dataset, n=e.n, temperature=e.temperature, top_p=e.top_p,
-                           max_tokens=e.max_response_length, seed=cfg.trainer.seed,
-                           tokenizer=tokenizer, reward_pool=pool, vllm_tp=r.vllm_tp)
-    if dist.get_rank() == 0:
-        for k, v in metrics.items():
-            print(f"{k}\t{v:.4f}")
-    destroy_distributed()
+    try:
+        with RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s,
+                        answer_format=cfg.reward.format,
+                        memory_limit_mb=cfg.reward.memory_limit_mb) as pool:
+            metrics = evaluate(engine, dataset, n=e.n, temperature=e.temperature, top_p=e.top_p,
+                               max_tokens=e.max_response_length, seed=cfg.trainer.seed,
+                               tokenizer=tokenizer, reward_pool=pool, vllm_tp=r.vllm_tp)
+        if dist.get_rank() == 0:
+            for k, v in metrics.items():
+                print(f"{k}\t{v:.4f}")
+    finally:
+        engine.shutdown()  # before the process groups it uses are destroyed
+        destroy_distributed()
     return 0

@@ -78,8 +78,11 @@ def test_micro_batch_scope_tp2(setup, tmp_path):
     out = tmp_path / "run"
     # TP2, DP1: one micro-batch of all 16 sequences = the seed code's unit of selection.
     _train(2, cfg, out, "parallel.tp=2", "trainer.micro_batch_size=16",
-           "algorithm.entropy_top_scope=micro_batch", "checkpoint.export_hf_at_end=true")
+           "algorithm.entropy_top_scope=micro_batch", "checkpoint.export_hf_at_end=true",
+           "logging.wandb=true", "logging.wandb_mode=offline")
     _check_run(out, 3, 0.2)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb")), "no offline wandb run was written"
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert ckpts == ["step_000003"], ckpts  # keep_last 1; the final step is saved too
     assert os.path.exists(out / "checkpoints" / "step_000003" / "COMPLETE")
@@ -136,3 +139,15 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
                 assert abs(value - other) <= 1e-6 * max(1.0, abs(value)), (step, key, value, other)
             else:
                 assert value == other, (step, key, value, other)
+
+
+def test_eval_cli(setup):
+    root, cfg = setup
+    out = subprocess.run([sys.executable, "-m", "megatron_rlvr", "eval", "--config", str(cfg),
+                          "eval.n=2"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    lines = dict(line.split("\t") for line in out.stdout.splitlines() if line.startswith("val/"))
+    assert set(lines) == {"val/synthetic_arithmetic/avg@2", "val/synthetic_arithmetic/pass@2",
+                          "val/synthetic_arithmetic/prompts"}
+    assert float(lines["val/synthetic_arithmetic/prompts"]) == 8.0

@@ -156,6 +156,12 @@ class VLLMEngine(RolloutEngine):
         if _on_cuda():
             kwargs.update(enable_sleep_mode=True,
                           gpu_memory_utilization=config.gpu_memory_utilization)
+        else:
+            # A chunked prefill discards the token sampled for a partly prefilled request and
+            # rewinds its seeded generator with `set_offset`, which CPU generators do not support
+            # ("CPU Generator does not use offset"): seeded sampling of a large batch would fail.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(config.max_model_len, 8192))
         self.llm = LLM(**kwargs)
         model_config = self.llm.llm_engine.model_config
         self.dtype: torch.dtype = model_config.dtype
