@@ -279,13 +279,16 @@ class Trainer:
         for i, mbs in enumerate(mini_batches):
             gen = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, "select",
                                                          self.step, i, self.rank))
-            if s.scope == "global" and s.ratio < 1.0 and ps.is_pipeline_last_stage():
-                # The policy before mini-batch 0 is the old policy: reuse its entropies.
-                ents = old_entropies[i] if i == 0 else [
-                    o["entropy"] for o in self.policy.forward(mbs, partial(token_stats, s=s))]
-                keeps = select_global(ents, [cp_slice(mb["response_mask"]) for mb in mbs], s, gen)
-                for mb, keep, ent in zip(mbs, keeps, ents):
-                    mb["keep_local"] = keep.view(ent.shape)
+            if s.scope == "global" and s.ratio < 1.0:
+                # The policy before mini-batch 0 is the old policy: reuse its entropies. Later
+                # mini-batches need a forward pass of the current policy (every stage takes part).
+                outs = None if i == 0 else self.policy.forward(mbs, partial(token_stats, s=s))
+                if ps.is_pipeline_last_stage():
+                    ents = old_entropies[i] if i == 0 else [o["entropy"] for o in outs]
+                    keeps = select_global(ents, [cp_slice(mb["response_mask"]) for mb in mbs],
+                                          s, gen)
+                    for mb, keep, ent in zip(mbs, keeps, ents):
+                        mb["keep_local"] = keep.view(ent.shape)
             result = self.policy.train_step(mbs, partial(dapo_loss, s=s, generator=gen))
             if result.skipped:
                 skipped += 1

@@ -151,3 +151,13 @@ def test_eval_cli(setup):
     assert set(lines) == {"val/synthetic_arithmetic/avg@2", "val/synthetic_arithmetic/pass@2",
                           "val/synthetic_arithmetic/prompts"}
     assert float(lines["val/synthetic_arithmetic/prompts"]) == 8.0
+
+
+def test_pipeline_parallel_global_scope(setup, tmp_path):
+    """PP2: the global threshold's extra forward pass is a pipeline collective on every stage."""
+    root, cfg = setup
+    out = tmp_path / "run"
+    _train(2, cfg, out, "parallel.pp=2", "trainer.micro_batch_size=4", "trainer.total_steps=2",
+           "trainer.ppo_mini_batch_size=2", "algorithm.entropy_top_scope=global",
+           "checkpoint.save_every=0", timeout=300)
+    _check_run(out, 2, 0.2)
