@@ -56,14 +56,16 @@ def _metrics(out):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _check_run(out, steps, ratio):
+def _check_run(out, steps, ratio, units=1):
+    """`units`: selection units per step (mini-batches in the global scope); each keeps
+    exactly ceil(ratio * its tokens), so the step total is within units - 1 of ceil(ratio * N)."""
     records = [r for r in _metrics(out) if "loss/pg" in r]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     for r in records:
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, f"step {r['step']} lacks {missing}"
-        # Exactly k = ceil(ρ·N) tokens trained: one selection unit per step in these runs.
-        assert r["tokens/kept"] == math.ceil(ratio * r["tokens/response"]), r
+        k = math.ceil(ratio * r["tokens/response"])
+        assert k <= r["tokens/kept"] <= k + units - 1, r
         assert r["rollout/logprob_mismatch_mean"] < 1e-4, r
         assert r["rollout/logprob_mismatch_max"] < 1e-3, r
         assert math.isfinite(r["loss/pg"]) and math.isfinite(r["grad_norm"])
@@ -160,4 +162,4 @@ def test_pipeline_parallel_global_scope(setup, tmp_path):
     _train(2, cfg, out, "parallel.pp=2", "trainer.micro_batch_size=4", "trainer.total_steps=2",
            "trainer.ppo_mini_batch_size=2", "algorithm.entropy_top_scope=global",
            "checkpoint.save_every=0", timeout=300)
-    _check_run(out, 2, 0.2)
+    _check_run(out, 2, 0.2, units=2)
