@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_rlvr.data.synthetic import make_rows, warm_start_examples, write_synthetic_dataset
+from megatron_rlvr.data.synthetic import warm_start_examples, write_synthetic_dataset
 from megatron_rlvr.models.tiny import build_tokenizer, tiny_config
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_rlvr import planner
-from megatron_rlvr.planner import GIB, Layout, Shape, Workload
+from megatron_rlvr.planner import Layout, Shape, Workload
 
 HF_DIR = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "hf")
 REAL = {  # file -> publicly stated parameter count (billions)
