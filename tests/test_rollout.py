@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import hf_greedy
 
 from megatron_rlvr.models.tiny import save_tiny_model
 from megatron_rlvr.rollout import (RolloutError, SamplingParams, VLLMEngine, VLLMEngineConfig,
@@ -78,18 +79,6 @@ def prompts_for(vocab: int = 512, count: int = 4) -> list[list[int]]:
     g = torch.Generator().manual_seed(123)
     return [torch.randint(3, vocab, (int(torch.randint(3, 12, (1,), generator=g)),),
                           generator=g).tolist() for _ in range(count)]
-
-
-def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """Token-by-token argmax with transformers, stopping at EOS like vLLM does."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            ids.append(nxt)
-            if nxt == model.config.eos_token_id:
-                break
-    return ids[len(prompt):]
 
 
 def hf_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:

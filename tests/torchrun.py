@@ -18,7 +18,7 @@ def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
     """Launch `script` on `nproc` local processes; return its combined output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,

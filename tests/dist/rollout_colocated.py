@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from hf_reference import hf_greedy
 
 from megatron_rlvr.models.tiny import save_tiny_model
 from megatron_rlvr.rollout import SamplingParams, VLLMEngine, VLLMEngineConfig
@@ -38,20 +39,11 @@ def main():
     g = torch.Generator().manual_seed(rank if vllm_tp == 1 else 0)
     prompts = [torch.randint(3, 512, (6 + i,), generator=g).tolist() for i in range(3)]
 
-    def hf_greedy(model, prompt, n=12):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(n):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-                if ids[-1] == model.config.eos_token_id:
-                    break
-        return ids[len(prompt):]
-
     def greedy():
         out = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12))
         return [o.samples[0].token_ids for o in out.outputs]
 
-    assert greedy() == [hf_greedy(hf["A"], p) for p in prompts], f"rank {rank}: greedy A"
+    assert greedy() == [hf_greedy(hf["A"], p, 12) for p in prompts], f"rank {rank}: greedy A"
 
     out = engine.generate(prompts, SamplingParams(n=2, temperature=0.8, max_tokens=10, seed=3))
     for o in out.outputs:
@@ -66,8 +58,8 @@ def main():
     stats = engine.update_weights((n, t.detach()) for n, t in hf["B"].state_dict().items())
     assert stats.buckets > 1, stats
     new = greedy()
-    assert new == [hf_greedy(hf["B"], p) for p in prompts], f"rank {rank}: greedy B"
-    assert new != [hf_greedy(hf["A"], p) for p in prompts]
+    assert new == [hf_greedy(hf["B"], p, 12) for p in prompts], f"rank {rank}: greedy B"
+    assert new != [hf_greedy(hf["A"], p, 12) for p in prompts]
     print(f"rank {rank} sync {stats}", flush=True)
     print("ROLLOUT_COLOCATED_OK", flush=True)
     dist.barrier()

@@ -17,20 +17,11 @@ from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.models.tiny import save_tiny_model
 from megatron_rlvr.parallel import init_distributed
 from megatron_rlvr.policy import OptimConfig, Policy
+from hf_reference import hf_greedy
 from megatron_rlvr.rollout import (SamplingParams, VLLMEngine, VLLMEngineConfig,
                                    logprob_mismatch)
 
 TEMPERATURE = 0.8
-
-
-def hf_greedy(model, prompt, n=10):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            if ids[-1] == model.config.eos_token_id:
-                break
-    return ids[len(prompt):]
 
 
 def batch(rows: list[list[int]]) -> torch.Tensor:
@@ -101,7 +92,7 @@ def main():
         hf.load_state_dict(exported, strict=False)
         hf.tie_weights()
         after = greedy()
-        assert after == [hf_greedy(hf, p) for p in prompts], f"rank {rank} step {step}: greedy"
+        assert after == [hf_greedy(hf, p, 10) for p in prompts], f"rank {rank} step {step}: greedy"
         assert after != before, f"rank {rank} step {step}: the sync did not change the outputs"
         before = after
         print(f"rank {rank} step {step} sync {stats}", flush=True)
