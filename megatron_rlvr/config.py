@@ -163,6 +163,11 @@ class RewardConfig:
     format: Literal["boxed", "answer", "auto"] = _f(
         "boxed", "Where the answer is read: the last \\boxed{} (the paper), DAPO's last "
                  "'Answer: ...' line, or \\boxed{} with 'Answer:' as fallback.")
+    grader: Literal["math_verify", "seed"] = _f(
+        "math_verify", "Answer checker: math-verify (LaTeX -> sympy), or the seed code's rules "
+                       "(verl naive_dapo: string normalisation + sympy + math_equal; no box -> "
+                       "the whole text after </think> is graded; needs format 'boxed'). "
+                       "docs/method.md has their measured agreement.")
 
 
 @dataclass
@@ -429,6 +434,9 @@ def validate(cfg: Config) -> None:
     need(cfg.reward.memory_limit_mb >= 256,
          f"reward.memory_limit_mb must be >= 256 (a worker needs ~100 MB to import "
          f"math-verify), got {cfg.reward.memory_limit_mb}")
+    need(cfg.reward.grader != "seed" or cfg.reward.format == "boxed",
+         f"reward.grader=seed reads answers as the seed does (the last \\boxed{{}}, else the "
+         f"whole text); set reward.format=boxed, got {cfg.reward.format!r}")
 
     e = cfg.eval
     non_negative("eval.every_n_steps", e.every_n_steps)
