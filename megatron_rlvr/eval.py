@@ -64,7 +64,7 @@ def run(cfg) -> int:
         gpu_memory_utilization=r.gpu_memory_utilization))
     try:
         with RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s,
-                        answer_format=cfg.reward.format,
+                        answer_format=cfg.reward.format, grader=cfg.reward.grader,
                         memory_limit_mb=cfg.reward.memory_limit_mb) as pool:
             metrics = evaluate(engine, dataset, n=e.n, temperature=e.temperature, top_p=e.top_p,
                                max_tokens=e.max_response_length, seed=cfg.trainer.seed,

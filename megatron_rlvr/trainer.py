@@ -96,7 +96,7 @@ class Trainer:
                                                grad_clip=t.grad_clip, adam_beta1=t.adam_beta1,
                                                adam_beta2=t.adam_beta2, adam_eps=t.adam_eps))
         self.rewards = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s,
-                                  answer_format=cfg.reward.format,
+                                  answer_format=cfg.reward.format, grader=cfg.reward.grader,
                                   memory_limit_mb=cfg.reward.memory_limit_mb)
         a = cfg.algorithm
         self.loss_settings = LossSettings(

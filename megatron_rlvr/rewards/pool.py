@@ -18,8 +18,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import Literal
 
 from .math import AnswerFormat, extract_answer
+from .seed_grader import seed_extract
+
+Grader = Literal["math_verify", "seed"]
+GRADERS = ("math_verify", "seed")
 
 # A worker that has not reported ready after this long failed to start.
 _STARTUP_TIMEOUT_S = 120.0
@@ -34,16 +39,20 @@ class RewardResult:
     timed_out: bool = False
 
 
-def _worker_main(conn: Connection, memory_limit_mb: int) -> None:
+def _worker_main(conn: Connection, memory_limit_mb: int, grader: Grader = "math_verify") -> None:
     """Serve (answer, ground_truth) -> bool until the pipe closes."""
     import resource
 
     limit = memory_limit_mb * 2 ** 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeouts disabled" notices
-    from .math import verify_answer
+    if grader == "seed":
+        from .seed_grader import seed_verify as verify_answer
+    else:
+        from .math import verify_answer
 
-    verify_answer("1", "1")  # import and warm math-verify's parsers before the clock runs
+    verify_answer("1", "1")  # import and warm the verifier's parsers before the clock runs
+    verify_answer("x+1", "1+x")
     conn.send("ready")
     while True:
         try:
@@ -62,16 +71,17 @@ def _context():
         ctx = mp.get_context("forkserver")
         # Workers fork from a server that has imported the verifier once: replacing a killed
         # worker then costs milliseconds. (Ignored if the server is already running.)
-        ctx.set_forkserver_preload([__name__, "math_verify"])
+        ctx.set_forkserver_preload([__name__, "math_verify", f"{__package__}.seed_grader"])
         return ctx
     except ValueError:  # platforms without forkserver
         return mp.get_context("spawn")
 
 
 class _Worker:
-    def __init__(self, ctx, memory_limit_mb: int):
+    def __init__(self, ctx, memory_limit_mb: int, grader: Grader):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, memory_limit_mb), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, memory_limit_mb, grader),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.started = time.monotonic()
@@ -88,29 +98,42 @@ class _Worker:
 class RewardPool:
     """`num_workers` verifier processes; `score` blocks until every item has a result.
 
+    `grader`: "math_verify" (`math.extract_answer` with `answer_format`, then math-verify) or
+    "seed" (the seed code's rules, `seed_grader`: the last box, else the whole text after
+    `</think>`, graded by string normalisation + sympy; `answer_format` must be "boxed").
+
     `stats` counts timeouts (items over `timeout_s`) and crashes (workers that died otherwise)
     since the pool was created; each such worker has been replaced.
     """
 
     def __init__(self, num_workers: int, timeout_s: float, *, answer_format: AnswerFormat = "boxed",
-                 memory_limit_mb: int = 2048):
+                 memory_limit_mb: int = 2048, grader: Grader = "math_verify"):
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError(f"need num_workers >= 1 and timeout_s > 0, got {num_workers}, "
                              f"{timeout_s}")
+        if grader not in GRADERS:
+            raise ValueError(f"unknown grader {grader!r}; use one of {GRADERS}")
+        if grader == "seed" and answer_format != "boxed":
+            raise ValueError(f"the seed grader reads answers its own way (last box, else the "
+                             f"whole text); answer_format must be 'boxed', got {answer_format!r}")
+        self.grader = grader
         self.timeout_s = timeout_s
         self.answer_format = answer_format
         self.memory_limit_mb = memory_limit_mb
         self.stats = {"timeouts": 0, "crashes": 0}
         self._failed_starts = 0  # consecutive workers that died before reporting ready
         self._ctx = _context()
-        self._workers = [_Worker(self._ctx, memory_limit_mb) for _ in range(num_workers)]
+        self._workers = [_Worker(self._ctx, memory_limit_mb, grader) for _ in range(num_workers)]
 
     def score(self, responses: list[str], ground_truths: list[str]) -> list[RewardResult]:
         if len(responses) != len(ground_truths):
             raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
         if not self._workers:
             raise RuntimeError("RewardPool is closed")
-        results = [RewardResult(0.0, extract_answer(r, self.answer_format)) for r in responses]
+        if self.grader == "seed":
+            results = [RewardResult(0.0, seed_extract(r)) for r in responses]
+        else:
+            results = [RewardResult(0.0, extract_answer(r, self.answer_format)) for r in responses]
         todo = deque(i for i, r in enumerate(results) if r.answer is not None)
         busy = 0
         while todo or busy:
@@ -165,7 +188,7 @@ class RewardPool:
 
     def _replace(self, i: int) -> None:
         self._workers[i].kill()
-        self._workers[i] = _Worker(self._ctx, self.memory_limit_mb)
+        self._workers[i] = _Worker(self._ctx, self.memory_limit_mb, self.grader)
 
     def close(self) -> None:
         for w in self._workers:
