@@ -309,3 +309,67 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
     os.makedirs(os.path.join(root, "step_000099_backup"))
     assert checkpoint.latest_checkpoint(root) == checkpoint.step_dir(root, 7)
     assert checkpoint.step_dir(root, 7).endswith("step_000007")
+
+
+# ------------------------------------------------------- torch-Adam resume fix (every device)
+
+def test_adam_step_fix_is_installed_without_the_cpu_layer():
+    """The torch-Adam `step` restore fix comes from platform.setup() on every device: here with
+    has_cuda() forced true, so cpu_compat is not applied (a GPU install without TE/Apex)."""
+    code = (
+        "from megatron_rlvr.platform import device\n"
+        "import megatron_rlvr.platform as platform\n"
+        "platform.has_cuda = device.has_cuda = lambda: True\n"
+        "platform.setup()\n"
+        "from megatron_rlvr.platform import cpu_compat, megatron_fixes\n"
+        "from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer as D\n"
+        "assert not cpu_compat._APPLIED\n"
+        "assert D._set_main_param_and_optimizer_states is "
+        "megatron_fixes._set_main_param_and_optimizer_states\n"
+        "print('fix installed')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0 and "fix installed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _fake_distrib_optimizer(inner):
+    """The attributes of a DistributedOptimizer that the restore reads, around one parameter."""
+    from types import SimpleNamespace
+    model_param = torch.nn.Parameter(torch.zeros(4))
+    main = inner.param_groups[0]["params"][0]
+    return model_param, main, SimpleNamespace(
+        optimizer=inner, model_param_group_index_map={model_param: (0, 0)},
+        config=SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False))
+
+
+def test_adam_step_fix_restores_torch_adam_and_defers_to_megatron_otherwise(monkeypatch):
+    from megatron_rlvr.platform import megatron_fixes
+
+    calls = []
+    monkeypatch.setattr(megatron_fixes, "_ORIGINAL_SET_STATES",
+                        lambda self, p, tensors: calls.append(sorted(tensors)))
+    saved = {"param": torch.full((4,), 1.0), "exp_avg": torch.full((4,), 2.0),
+             "exp_avg_sq": torch.full((4,), 3.0)}  # what Megatron passes: no "step"
+    # torch's Adam (Megatron's fallback without TE/Apex): its state has a `step` the checkpoint
+    # does not supply; Megatron's own restore raised KeyError: 'step' here.
+    main = torch.nn.Parameter(torch.zeros(4))
+    adam = torch.optim.AdamW([main])
+    adam.state[main].update(step=torch.tensor(5.0), exp_avg=torch.zeros(4),
+                            exp_avg_sq=torch.zeros(4))
+    model_param, main, self = _fake_distrib_optimizer(adam)
+    with torch.no_grad():  # as in Megatron's load
+        megatron_fixes._set_main_param_and_optimizer_states(self, model_param, saved)
+    assert calls == [] and torch.equal(main.detach(), saved["param"])
+    assert torch.equal(adam.state[main]["exp_avg_sq"], saved["exp_avg_sq"])
+    assert adam.state[main]["step"].item() == 5.0  # left to Megatron's param-group restore
+
+    # A fused Adam as TE or Apex provide (a torch.optim.Optimizer that is not torch's Adam; a
+    # stand-in, neither is installed here): Megatron's original restore runs, unchanged.
+    class FusedAdamLike(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 1e-3})
+
+    model_param, main, self = _fake_distrib_optimizer(FusedAdamLike([torch.nn.Parameter(
+        torch.zeros(4))]))
+    megatron_fixes._set_main_param_and_optimizer_states(self, model_param, saved)
+    assert calls == [["exp_avg", "exp_avg_sq", "param"]] and not main.detach().any()

@@ -17,6 +17,8 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_rlvr.platform import strict_device
+
 _APPLIED = False
 _CPU = torch.device("cpu")
 
@@ -49,6 +51,12 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if strict_device.enabled():
+            return strict_device.torch_function(func, args, kwargs, self._redirect)
+        return self._redirect(func, args, kwargs)
+
+    @staticmethod
+    def _redirect(func, args, kwargs):
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
@@ -74,26 +82,6 @@ def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
 
 def _cpu_rng_set(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
-
-
-def _set_main_param_and_optimizer_states(self, model_param, tensors):
-    """DistributedOptimizer's state restore, copying only the tensors the checkpoint supplies.
-
-    Megatron's version copies every key of the torch optimizer's per-parameter state. Without
-    Transformer-Engine or Apex (the CPU case) the optimizer is torch's Adam, whose state also holds
-    `step`; Megatron restores `step` from the param groups and passes no tensor for it, so loading
-    any distributed-optimizer checkpoint failed with KeyError: 'step'.
-    """
-    if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-        return _ORIGINAL_SET_STATES(self, model_param, tensors)
-    group_index, group_order = self.model_param_group_index_map[model_param]
-    main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-    dst = {"param": main_param, **self.optimizer.state[main_param]}
-    for key, tensor in tensors.items():
-        dst[key].copy_(tensor)
-
-
-_ORIGINAL_SET_STATES = None
 
 
 def apply() -> None:
@@ -125,10 +113,4 @@ def apply() -> None:
     # Megatron reads and writes CUDA generators directly (not through torch.cuda.*).
     mp_random._get_cuda_rng_state = _cpu_rng_get
     mp_random._set_cuda_rng_state = _cpu_rng_set
-
-    # Loading distributed-optimizer checkpoints with torch's Adam (see the function's docstring).
-    global _ORIGINAL_SET_STATES
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    _ORIGINAL_SET_STATES = DistributedOptimizer._set_main_param_and_optimizer_states
-    DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    # (The torch-Adam `step` restore fix is in megatron_fixes: every device needs it.)
