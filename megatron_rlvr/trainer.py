@@ -370,6 +370,12 @@ class Trainer:
         self.log.info(f"resumed from {path} at step {self.step}")
 
     def close(self) -> None:
+        """Shut down in order: the stall watchdog first (its thread must be gone before the
+        process groups and the interpreter, see watchdog.stop), then the reward workers, vLLM
+        (its cleanup also destroys the default process group), the loggers."""
+        from megatron_rlvr import watchdog
+
+        watchdog.stop()
         self.rewards.close()
         self.engine.shutdown()  # before the process groups it uses are destroyed
         self.log.close(plots=self.cfg.logging.plots)

@@ -54,16 +54,26 @@ def start(timeout_s: float) -> "Watchdog":
     if _started is None:
         _started = Watchdog(timeout_s)
         _started.beat()                     # every live rank has a heartbeat before training
-        threading.Thread(target=_started.run, name="megatron_rlvr-watchdog", daemon=True).start()
+        _started.thread = threading.Thread(target=_started.run, name="megatron_rlvr-watchdog",
+                                           daemon=True)
+        _started.thread.start()
     return _started
 
 
-def stop() -> None:
-    """Stop the watchdog before the process groups go (a finished run is not a stall)."""
+def stop(join_timeout_s: float = 30.0) -> None:
+    """Stop the watchdog and wait for its thread to end, before the process groups go (a finished
+    run is not a stall).
+
+    The join matters: a daemon thread still alive when the interpreter exits is ended inside
+    whatever it is doing, and if that is a torch C++ call that released the GIL (the heartbeat's
+    `store.set`), Python's exit unwinds through C++ and the process dies with "terminate called
+    without an active exception" (SIGABRT) after a run that had finished."""
     global _started
     if _started is not None:
-        _started.stopped.set()
-        _started = None
+        dog, _started = _started, None
+        dog.stopped.set()
+        if dog.thread is not None and dog.thread is not threading.current_thread():
+            dog.thread.join(join_timeout_s)
 
 
 _PLATFORM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "platform")
@@ -103,6 +113,7 @@ class Watchdog:
         self.last_change = time.monotonic()
         self.state = None
         self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def _sample(self) -> tuple[int, tuple, str]:
         frame = sys._current_frames().get(self.main.ident)
@@ -125,6 +136,8 @@ class Watchdog:
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
             try:
+                if not dist.is_initialized():  # torn down without stop(): nothing to watch
+                    return
                 seq, where = self.beat()
                 if time.monotonic() - self.last_change >= self.timeout_s:
                     self._report_and_exit(seq, where)
