@@ -36,8 +36,13 @@ def _is_cuda(dev) -> bool:
 
 
 def _called_from_megatron_optimizer() -> bool:
-    # Frame 0 is this helper, 1 is __torch_function__, 2 is the caller of Tensor.type().
-    caller = sys._getframe(2).f_globals.get("__name__", "")
+    # The caller of Tensor.type(): the first frame outside this package's platform layer (the
+    # mode's __torch_function__, its _redirect and strict_device's hook sit in between).
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+            "megatron_rlvr.platform."):
+        frame = frame.f_back
+    caller = frame.f_globals.get("__name__", "") if frame is not None else ""
     return caller.startswith("megatron.core.optimizer")
 
 
