@@ -48,11 +48,12 @@ def _worker_main(conn: Connection, memory_limit_mb: int, grader: Grader = "math_
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeouts disabled" notices
     if grader == "seed":
         from .seed_grader import seed_verify as verify_answer
+
+        verify_answer("x+1", "1+x")  # reaches sympy: import it before the clock runs
     else:
         from .math import verify_answer
 
-    verify_answer("1", "1")  # import and warm the verifier's parsers before the clock runs
-    verify_answer("x+1", "1+x")
+        verify_answer("1", "1")  # import and warm math-verify's parsers before the clock runs
     conn.send("ready")
     while True:
         try:

@@ -86,7 +86,8 @@ def seed_extract(response: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # safe expression parser (stands in for sympy's parse_expr, which evaluates Python code)
 
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|([a-z]+)|(\*\*|[-+*/^()!]))", re.IGNORECASE)
+_TOKEN = re.compile(r"\s*(?:((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)|([a-z]+)|(\*\*|[-+*/^()!]))",
+                    re.IGNORECASE)
 _FUNCS = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp"}
 _MAX_POWER = 10_000        # |integer exponent| above which a numeric power is refused
 _MAX_FACTORIAL = 1_000
@@ -195,8 +196,11 @@ class _SafeParser:
     def atom(self):
         sp = self.sp
         kind, val = self.take()
-        if kind == "num":
-            return sp.Rational(val) if "." in val else sp.Integer(val)
+        if kind == "num":            # Python's float syntax, as parse_expr reads it ("1e5")
+            mantissa, _, exp = val.lower().partition("e")
+            if exp and abs(int(exp)) > _MAX_POWER:
+                raise ValueError("exponent too large")
+            return sp.Rational(val) if "." in val or exp else sp.Integer(val)
         if val == "(":
             e = self.expr()
             self.take(")")
