@@ -12,7 +12,10 @@ cannot hold the model:
     torchrun --nproc_per_node=8 -m checkpoint_tools.convert hf-to-mcore --hf-dir H --out-dir M --tp 8
 
 Exports are exact: HF -> Megatron -> HF reproduces every tensor bit for bit in the same dtype.
-A user's mistake ends with one `convert: error: ...` line and exit code 2.
+A user's mistake ends with one `convert: error: ...` line and exit code 2. Output directories
+are checked before anything heavy starts (megatron_rlvr/safety.py): never an input, inside one or
+containing one, never empty or the working/home/root directory, and `--overwrite` replaces only a
+directory megatron-rlvr wrote (every directory written here carries its marker).
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_rlvr import safety
 from megatron_rlvr.models.hf_checkpoint import CheckpointError
-from megatron_rlvr.models.spec import UnsupportedModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_DTYPES = ("float32", "bfloat16")  # what our Megatron model is built in
@@ -39,10 +42,16 @@ def _param_dtype(name: str, where: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _refuse_existing(out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to "
-                              "replace it")
+def _check_layout_fits(tp: int, pp: int) -> None:
+    """--tp x --pp processes must divide the processes launched (before anything loads)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for flag, value in (("--tp", tp), ("--pp", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if world % (tp * pp):
+        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} processes, but {world} were "
+                         f"launched; run under torchrun --nproc_per_node={tp * pp} (or a "
+                         "multiple)")
 
 
 def _on_every_rank(fn) -> None:
@@ -63,7 +72,7 @@ def _on_every_rank(fn) -> None:
 def check_hf_input(spec, hf_dir: str) -> None:
     """Names, shapes and readable headers of every input file, checked before any model is built:
     a wrong checkpoint fails in seconds, not after a 70B model is allocated."""
-    from megatron_rlvr.models.convert import check_checkpoint_names
+    from megatron_rlvr.models.convert import check_checkpoint_names, check_floating
     from megatron_rlvr.models.families import family
     from megatron_rlvr.models.hf_checkpoint import HFCheckpoint
     from megatron_rlvr.models.mapping import hf_shapes
@@ -76,6 +85,7 @@ def check_hf_input(spec, hf_dir: str) -> None:
             if found != tuple(shape):
                 raise CheckpointError(f"{hf_dir}: tensor {name} has shape {list(found)}, "
                                       f"expected {list(shape)} for {spec.architecture}")
+        check_floating(ckpt, rule.hf)
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1,
@@ -87,8 +97,11 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: int 
     from megatron_rlvr.models.spec import read_model_spec
     from megatron_rlvr.parallel import init_distributed
 
+    safety.check_input_path(hf_dir, "--hf-dir")
+    safety.check_output_dir(out_dir, flag="--out-dir", inputs=[("--hf-dir", hf_dir)],
+                            overwrite=overwrite)
+    _check_layout_fits(tp, pp)
     spec = read_model_spec(hf_dir)
-    _refuse_existing(out_dir, overwrite)
     param_dtype = _param_dtype(dtype or spec.torch_dtype, f"{hf_dir}/config.json torch_dtype")
     check_hf_input(spec, hf_dir)
     init_distributed(tp, pp, cp)
@@ -124,9 +137,12 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: i
     from megatron_rlvr.models.builder import build_model
     from megatron_rlvr.parallel import init_distributed
 
+    safety.check_input_path(mcore_dir, "--mcore-dir")
+    safety.check_output_dir(out_dir, flag="--out-dir", inputs=[("--mcore-dir", mcore_dir)],
+                            overwrite=overwrite)
+    _check_layout_fits(tp, pp)
     info = read_info(mcore_dir)
     spec = info["spec"]
-    _refuse_existing(out_dir, overwrite)
     out_name = dtype or spec.torch_dtype
     if out_name not in DTYPES:
         raise ValueError(f"cannot export in dtype {out_name!r}; pass --dtype with one of "
@@ -157,6 +173,7 @@ def write_hf(model, spec, source_hf_dir: str, out_dir: str, *, dtype: str,
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        safety.write_marker(tmp, "HF export")  # ours: --overwrite may replace it
     stream = iter_hf_weights(model, spec, dtype=DTYPES[dtype])
     write_sharded(stream, tmp, shards, write=rank0)
     if rank0:
@@ -183,13 +200,15 @@ def run_dry_run(hf_config: str, layouts: list[tuple[int, int]]) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m checkpoint_tools.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = safety.OneLineParser(prog="python -m checkpoint_tools.convert", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def layout(q, help_suffix=""):
-        q.add_argument("--tp", type=int, default=1, help="tensor-parallel size" + help_suffix)
-        q.add_argument("--pp", type=int, default=1, help="pipeline-parallel size" + help_suffix)
+        q.add_argument("--tp", type=safety.positive_int, default=1,
+                       help="tensor-parallel size" + help_suffix)
+        q.add_argument("--pp", type=safety.positive_int, default=1,
+                       help="pipeline-parallel size" + help_suffix)
 
     a = sub.add_parser("hf-to-mcore", help="Hugging Face safetensors -> Megatron checkpoint",
                        description="Convert an HF checkpoint directory (config.json, safetensors, "
@@ -199,7 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
                    help="parameter dtype (default: the config's torch_dtype)")
     layout(a, " used for the conversion (torchrun processes = tp x pp)")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out-dir that megatron-rlvr wrote")
 
     b = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> Hugging Face safetensors",
                        description="Export a Megatron checkpoint (converted or saved by the "
@@ -208,47 +228,48 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out-dir", required=True, help="Hugging Face directory to create")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="output dtype (default: the torch_dtype of the stored config.json)")
-    b.add_argument("--max-shard-gib", type=float, default=5.0,
+    b.add_argument("--max-shard-gib", type=safety.positive_float, default=5.0,
                    help="largest safetensors file, GiB (default 5)")
     layout(b, " used for the export (torchrun processes = tp x pp)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out-dir that megatron-rlvr wrote")
 
     c = sub.add_parser("dry-run", help="check the mapping on a real config, no weights allocated",
                        description="Produce every HF tensor name and shape through our mapping at "
                        "a TP x PP layout on the meta device, compare with transformers' model for "
                        "the config, and print per-rank parameter counts.")
     c.add_argument("--hf-config", required=True, help="config.json file (or its directory)")
-    c.add_argument("--tp", type=int, nargs="+", default=[8], help="tensor-parallel size(s)")
-    c.add_argument("--pp", type=int, nargs="+", default=[4], help="pipeline-parallel size(s)")
+    c.add_argument("--tp", type=safety.positive_int, nargs="+", default=[8],
+                   help="tensor-parallel size(s)")
+    c.add_argument("--pp", type=safety.positive_int, nargs="+", default=[4],
+                   help="pipeline-parallel size(s)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _run(args) -> int:
+    if args.command == "dry-run":
+        layouts = [(t, p) for t in args.tp for p in args.pp]
+        return 0 if run_dry_run(args.hf_config, layouts) else 1
+    from megatron_rlvr.parallel import destroy_distributed
     try:
-        if args.command == "dry-run":
-            layouts = [(t, p) for t in args.tp for p in args.pp]
-            return 0 if run_dry_run(args.hf_config, layouts) else 1
-        from megatron_rlvr.parallel import destroy_distributed
-        try:
-            if args.command == "hf-to-mcore":
-                out = hf_to_mcore(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp,
-                                  dtype=args.dtype, overwrite=args.overwrite)
-            else:
-                if args.max_shard_gib <= 0:
-                    raise ValueError(f"--max-shard-gib must be positive, got {args.max_shard_gib}")
-                out = mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
-                                  dtype=args.dtype, overwrite=args.overwrite,
-                                  max_shard_bytes=int(args.max_shard_gib * 1024 ** 3))
-        finally:
-            destroy_distributed()
-    except (CheckpointError, UnsupportedModelError, ValueError, FileNotFoundError,
-            FileExistsError) as e:
-        print(f"convert: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        if args.command == "hf-to-mcore":
+            out = hf_to_mcore(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp,
+                              dtype=args.dtype, overwrite=args.overwrite)
+        else:
+            out = mcore_to_hf(args.mcore_dir, args.out_dir, tp=args.tp, pp=args.pp,
+                              dtype=args.dtype, overwrite=args.overwrite,
+                              max_shard_bytes=int(args.max_shard_gib * 1024 ** 3))
+    finally:
+        destroy_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"convert: wrote {out}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A user's mistake (bad flag, path, checkpoint or config) is one `convert: error:` line
+    and exit code 2; MEGATRON_RLVR_DEBUG=1 shows the traceback."""
+    return safety.run_cli("convert", _run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # the checkpoint save re-imports this module in a helper process

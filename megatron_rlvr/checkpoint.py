@@ -116,15 +116,92 @@ def read_info(ckpt_dir: str) -> dict:
     if not is_complete(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: checkpoint is incomplete (no {COMPLETE_MARKER} "
                               "marker); the save that wrote it did not finish")
-    with open(meta_path) as f:
-        info = json.load(f)
-    if info.get("format") != FORMAT or info.get("version", 0) > FORMAT_VERSION:
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except ValueError as e:  # bad JSON or undecodable bytes
+        raise CheckpointError(f"{meta_path}: malformed checkpoint metadata ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{meta_path}: malformed checkpoint metadata (a JSON object "
+                              f"expected, found {type(info).__name__})")
+    version = info.get("version", 0)
+    if info.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{ckpt_dir}: format {info.get('format')!r} version "
                               f"{info.get('version')!r}; this code reads {FORMAT} up to version "
                               f"{FORMAT_VERSION}")
+    layout = info.get("saved_layout")
+    if info.get("params_dtype") not in ("float32", "bfloat16", "float16") \
+            or not isinstance(info.get("has_optimizer"), bool) or not isinstance(layout, dict) \
+            or not all(isinstance(layout.get(k), int) and not isinstance(layout.get(k), bool)
+                       and layout[k] >= 1 for k in ("tp", "pp", "cp", "dp")):
+        raise CheckpointError(f"{meta_path}: malformed checkpoint metadata (params_dtype, "
+                              "has_optimizer or saved_layout missing or invalid)")
     info["hf_dir"] = os.path.join(ckpt_dir, HF_SUBDIR)
     info["spec"] = read_model_spec(info["hf_dir"])
+    check_stored_tensors(ckpt_dir, info)
     return info
+
+
+def _expected_global_shapes(spec: ModelSpec, saved_tp: int) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the main Megatron tensors for `spec` (layers stacked), with the vocabulary
+    padded as it was at the tensor-parallel size the checkpoint was saved at."""
+    L, h, hd, ffn = spec.num_layers, spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    vocab = spec.padded_vocab_size(saved_tp)
+    shapes = {
+        "embedding.word_embeddings.weight": (vocab, h),
+        "decoder.final_layernorm.weight": (h,),
+        "decoder.layers.self_attention.linear_qkv.weight":
+            (L, (spec.num_heads + 2 * spec.num_kv_heads) * hd, h),
+        "decoder.layers.self_attention.linear_proj.weight": (L, h, spec.num_heads * hd),
+        "decoder.layers.mlp.linear_fc1.weight": (L, 2 * ffn, h),
+        "decoder.layers.mlp.linear_fc2.weight": (L, h, ffn),
+    }
+    if not spec.tie_embeddings:
+        shapes["output_layer.weight"] = (vocab, h)
+    return shapes
+
+
+def check_stored_tensors(ckpt_dir: str, info: dict) -> None:
+    """Before anything is built or loaded: the stored tensors agree with the checkpoint's
+    config.json (a vocabulary that no longer matches would be dropped or zero-padded silently),
+    every shard file the index lists is there and long enough, and extra.pt is readable."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(ckpt_dir).read_metadata()
+        stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+                  if hasattr(v, "size")}
+        storage = list(metadata.storage_data.values())
+    except Exception as e:  # torch raises several types for a damaged index
+        raise CheckpointError(f"{ckpt_dir}: cannot read the tensor index (.metadata): "
+                              f"{type(e).__name__}: {e}") from None
+    spec = info["spec"]
+    for key, shape in _expected_global_shapes(spec, info["saved_layout"]["tp"]).items():
+        if key not in stored:
+            raise CheckpointError(f"{ckpt_dir}: tensor {key} is not stored; the checkpoint does "
+                                  f"not hold {describe(spec)} ({HF_SUBDIR}/config.json)")
+        if stored[key] != shape:
+            raise CheckpointError(f"{ckpt_dir}: tensor {key} is stored with shape "
+                                  f"{list(stored[key])}, but {HF_SUBDIR}/config.json "
+                                  f"({describe(spec)}) needs {list(shape)}")
+    ends: dict[str, int] = {}
+    for item in storage:
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in sorted(ends.items()):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard file missing from the checkpoint")
+        if os.path.getsize(path) < end:
+            raise CheckpointError(f"{path}: shard file truncated ({os.path.getsize(path)} "
+                                  f"bytes, its index needs {end})")
+    try:
+        extra = torch.load(os.path.join(ckpt_dir, EXTRA_FILE), weights_only=False)
+    except Exception as e:  # unpickling raises many types
+        raise CheckpointError(f"{os.path.join(ckpt_dir, EXTRA_FILE)}: unreadable "
+                              f"({type(e).__name__}: {e})") from None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{os.path.join(ckpt_dir, EXTRA_FILE)}: malformed (a dict expected, "
+                              f"found {type(extra).__name__})")
 
 
 def describe(spec: ModelSpec) -> str:

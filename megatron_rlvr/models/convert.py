@@ -48,6 +48,20 @@ def check_checkpoint_names(spec: ModelSpec, ckpt: HFCheckpoint) -> None:
                               f"({spec.num_layers} layers): " + "; ".join(parts))
 
 
+# What a weight may be stored as: floating point that converts exactly to our parameter dtypes.
+# (Integer or boolean tensors are not weights; fp8 ones need scales this loader does not apply.)
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
+
+
+def check_floating(ckpt: HFCheckpoint, names) -> None:
+    """Every tensor in `names` is stored in a floating dtype; name the first that is not."""
+    for name in names:
+        stored = ckpt.dtype(name)
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(f"{ckpt.path}: tensor {name} is stored as {stored}; weights "
+                                  f"must be floating point ({', '.join(FLOAT_DTYPES)})")
+
+
 def _unwrap(model):
     while hasattr(model, "module"):
         model = model.module
@@ -111,7 +125,12 @@ def load_hf_weights(model, spec: ModelSpec, hf_dir: str | HFCheckpoint) -> None:
             if found != shape:
                 raise CheckpointError(f"{ckpt.path}: tensor {hf_name} has shape {list(found)}, "
                                       f"expected {list(shape)} for {spec.architecture}")
-            tensors.append(ckpt.get(hf_name))
+            tensor = ckpt.get(hf_name)
+            if not tensor.is_floating_point() or tensor.dtype.itemsize < 2:
+                raise CheckpointError(f"{ckpt.path}: tensor {hf_name} is stored as "
+                                      f"{tensor.dtype}; weights must be floating point "
+                                      f"({', '.join(FLOAT_DTYPES)})")
+            tensors.append(tensor)
         shard = to_megatron_shard(spec, rule, tensors, tp_rank, tp)
         if shard.shape != param.shape:
             raise AssertionError(f"{name}: built shard {tuple(shard.shape)} but the model "

@@ -26,8 +26,13 @@ class HFCheckpoint:
             with open(index) as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
+                except (ValueError, KeyError, TypeError) as e:  # bad JSON or bytes, no map
                     raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(n, str) and isinstance(fn, str) and fn and os.sep not in fn
+                    for n, fn in weight_map.items()):
+                raise CheckpointError(f"{index}: weight_map is not a mapping of tensor names to "
+                                      "file names in this directory")
             self._file_of = {name: os.path.join(path, fn) for name, fn in weight_map.items()}
         elif os.path.exists(single):
             self._file_of = {name: single for name in self._open(single).keys()}
@@ -50,6 +55,10 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._file(name)).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors names it: F32, BF16, F16, I64, BOOL, F8_E4M3, ..."""
+        return str(self._open(self._file(name)).get_slice(name).get_dtype())
 
     def _file(self, name: str) -> str:
         try:
