@@ -504,7 +504,8 @@ def report(cases: list[Case], meta: dict) -> str:
     acc_mv = sum(c.mv == c.label for c in cases)
     acc_sd = sum(c.seed == c.label for c in cases)
     lines.append(f"{n} pairs ({sum(c.label for c in cases)} labelled equal); grading time "
-                 f"math-verify {meta['seconds']['math_verify']} s, seed {meta['seconds']['seed']} s;"
+                 f"math-verify {meta['seconds']['math_verify']} s, "
+                 f"seed {meta['seconds']['seed']} s;"
                  f" timeouts {meta['timeouts']}")
     lines.append(f"overall agreement {agree / n:.1%}; accuracy vs label: math-verify "
                  f"{acc_mv / n:.1%}, seed {acc_sd / n:.1%}")
