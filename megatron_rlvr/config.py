@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
+import math
 import re
 import types
 import typing
@@ -23,7 +25,24 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-6` (no dot) as a string; learning rates are written that way."""
+    """YAML 1.1 reads `1e-6` (no dot) as a string; learning rates are written that way.
+    A key repeated in one mapping is an error (plain YAML keeps the last one silently, so a
+    second `trainer:` section would replace the first with defaults)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeLoader reports it below
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first}, again on "
+                        f"line {key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -228,12 +247,23 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            with open(path) as fh:
-                loaded = yaml.load(fh, Loader=_Loader)
+            with open(path, "rb") as fh:
+                data = fh.read()
         except OSError as e:
             raise ConfigError(f"cannot read config file {path!r}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {path!r} is not UTF-8 text: undecodable byte "
+                              f"0x{data[e.start]:02x} on line {line}") from None
+        try:
+            stream = io.StringIO(text)
+            stream.name = path  # named in YAML's error marks
+            loaded = yaml.load(stream, Loader=_Loader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path!r} is not valid YAML: "
+                              + " ".join(str(e).split())) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r}: expected a mapping of sections, "
                               f"got {type(loaded).__name__}")
@@ -266,7 +296,8 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     try:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"bad override {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"bad override {text!r}: value is not valid YAML "
+                          f"({' '.join(str(e).split())})") from None
     return parts[0], parts[1], parsed
 
 
@@ -341,8 +372,12 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # `total_steps: 1e3`
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}: must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -454,7 +489,7 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.checkpoint.resume), "checkpoint.resume must be 'auto', 'never' or a path")
 
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid configuration: " + "; ".join(errors))
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
