@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from megatron_rlvr import platform
 from megatron_rlvr.algos.advantages import grpo_advantages
 from megatron_rlvr.generation import Group
 
@@ -48,10 +49,12 @@ def build_batch(groups: list[Group], *, pad_id: int, length_multiple: int) -> di
 
 
 def micro_batches(batch: dict[str, torch.Tensor], start: int, stop: int, *, dp_rank: int, dp: int,
-                  micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """This data-parallel rank's micro-batches of sequences [start, stop) (one mini-batch).
+                  micro_batch_size: int, device: torch.device | None = None) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of sequences [start, stop) (one mini-batch), on
+    `device` (default: this process's, `platform.device()`).
 
-    The mini-batch is split into `dp` contiguous shares; each share into micro-batches.
+    The mini-batch is split into `dp` contiguous shares; each share into micro-batches. The batch
+    is built on the host (from Python lists); only this rank's share moves to the device.
     """
     total = stop - start
     if total % dp or (total // dp) % micro_batch_size:
@@ -59,5 +62,6 @@ def micro_batches(batch: dict[str, torch.Tensor], start: int, stop: int, *, dp_r
                          f"shares of whole micro-batches of {micro_batch_size}")
     share = total // dp
     lo = start + dp_rank * share
-    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()}
+    device = device if device is not None else platform.device()
+    return [{k: v[i:i + micro_batch_size].to(device, non_blocking=True) for k, v in batch.items()}
             for i in range(lo, lo + share, micro_batch_size)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megatron_rlvr.parallel import host_group
 from megatron_rlvr.rewards.shaping import overlong_penalty
 from megatron_rlvr.rollout.base import SamplingParams
 
@@ -77,5 +78,5 @@ def generate_groups(engine, dataset, indices: list[int], params: SamplingParams,
                 finish_reasons=[s.finish_reason for s in po.samples],
                 accuracy=acc, reward=reward, timed_out=sum(r.timed_out for r in scored))))
     gathered: list[list[tuple[int, Group]]] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(gathered, groups)
+    dist.all_gather_object(gathered, groups, group=host_group())
     return [g for _, g in sorted((pg for part in gathered for pg in part), key=lambda pg: pg[0])]

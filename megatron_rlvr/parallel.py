@@ -17,6 +17,9 @@ from megatron_rlvr import platform
 from megatron_rlvr import watchdog as stall_watchdog
 
 
+_HOST_GROUP = None
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int
@@ -75,6 +78,12 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
             torch.cuda.set_device(platform.device())
         dist.init_process_group(backend=platform.backend(),
                                 timeout=datetime.timedelta(seconds=backend_timeout))
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        # Object collectives (pickled Python data) go over gloo on the host: over NCCL they
+        # would be copied into GPU memory on every rank first.
+        _HOST_GROUP = dist.new_group(backend="gloo",
+                                     timeout=datetime.timedelta(seconds=backend_timeout))
     if watchdog and world_size > 1:
         stall_watchdog.start(timeout_s)
     if parallel_state.model_parallel_is_initialized():
@@ -92,9 +101,19 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
     return layout
 
 
+def host_group():
+    """Every rank, over gloo: the group for object collectives (lists of generated groups,
+    metadata). Host tensors only; the training groups carry device tensors."""
+    if _HOST_GROUP is None:
+        raise RuntimeError("init_distributed() has not run")
+    return _HOST_GROUP
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
+    global _HOST_GROUP
+    _HOST_GROUP = None
     stall_watchdog.stop()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

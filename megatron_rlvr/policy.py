@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_rlvr import platform
 from megatron_rlvr.models.builder import build_model
 from megatron_rlvr.models.convert import iter_hf_weights, load_hf_weights
 from megatron_rlvr.models.pipeline import run_micro_batches
@@ -35,19 +36,20 @@ class OptimConfig:
 class StepResult:
     loss: float          # sum of numerators / sum of denominators over the whole mini-batch
     grad_norm: float     # before clipping; nan when the step was skipped
-    skipped: bool        # True when the loss was not finite and no update was made
+    skipped: bool        # True when the loss or a gradient was not finite: no update was made
     logs: list           # the loss function's per-micro-batch logs (last pipeline stage only)
 
 
 class Policy:
     def __init__(self, spec: ModelSpec, hf_dir: str, *, dtype: torch.dtype, optim: OptimConfig,
-                 recompute: bool = False):
+                 recompute: bool = False, sequence_parallel: bool = False):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         self.spec = spec
-        model = build_model(spec, dtype=dtype, recompute=recompute)
+        model = build_model(spec, dtype=dtype, recompute=recompute,
+                            sequence_parallel=sequence_parallel)
         load_hf_weights(model, spec, hf_dir)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
@@ -64,6 +66,28 @@ class Policy:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model[0].no_sync
         config.grad_scale_func = self.optimizer.scale_loss
+        self._offloaded = False
+
+    def offload(self) -> None:
+        """GPU: free the training-only memory while the colocated engine generates: gradient
+        buffers (re-allocated, zeroed, by `restore`) and the optimizer's state and master weights
+        (moved to host memory). The model's weights stay: the engine's weight sync reads them.
+        CPU: nothing to free (host memory either way)."""
+        if not platform.has_cuda() or self._offloaded:
+            return
+        for m in self.model:
+            m.offload_grad_buffers(synchronize=True, empty_cache=False)
+        self.optimizer.offload_to_cpu()  # ends with torch.cuda.empty_cache()
+        self._offloaded = True
+
+    def restore(self) -> None:
+        """Undo `offload` before the next forward or optimizer step."""
+        if not self._offloaded:
+            return
+        for m in self.model:
+            m.restore_grad_buffers(synchronize=False)
+        self.optimizer.restore_from_cpu()
+        self._offloaded = False
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -72,6 +96,7 @@ class Policy:
     def forward(self, micro_batches: list[dict], fn: Callable) -> list:
         """Forward only; `fn(micro_batch, logits)` runs on the last stage and its results are
         returned there (an empty list on other stages)."""
+        self.restore()
         for m in self.model:
             m.eval()
         with torch.no_grad():
@@ -82,6 +107,7 @@ class Policy:
         """One optimizer step over `micro_batches` (this rank's share of a mini-batch)."""
         from megatron.core import parallel_state
 
+        self.restore()
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
@@ -89,7 +115,7 @@ class Policy:
         logs = run_micro_batches(self.model, micro_batches, loss_fn,
                                  vocab_size=self.spec.vocab_size, forward_only=False)
         # Mini-batch loss from the logs (last stage), shared with every rank.
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=platform.device())
         for entry in logs:
             totals += torch.stack([entry["numerator"].double(), entry["denominator"].double()])
         if parallel_state.is_pipeline_last_stage():
@@ -99,11 +125,26 @@ class Policy:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=pp_group)  # only last stage nonzero
         loss = (totals[0] / totals[1].clamp(min=1)).item()
-        if not math.isfinite(loss):
+        # A finite loss can still have non-finite gradients (bf16 overflow in the backward): the
+        # step is skipped when either is, on every rank alike (the flag is all-reduced).
+        if not math.isfinite(loss) or not self._grads_finite():
             self.optimizer.zero_grad()
             return StepResult(loss=loss, grad_norm=float("nan"), skipped=True, logs=logs)
         _, grad_norm, _ = self.optimizer.step()
         return StepResult(loss=loss, grad_norm=float(grad_norm), skipped=False, logs=logs)
+
+    def _grads_finite(self) -> bool:
+        """True when every rank's reduced gradients are finite (a collective over the world).
+
+        Checked on Megatron's gradient buffers in slices of 64M elements, so the check needs no
+        full-size temporary."""
+        bad = torch.zeros(1, dtype=torch.float32, device=platform.device())
+        for chunk in self.model:
+            for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+                for piece in buffer.grad_data.view(-1).split(1 << 26):
+                    bad += (~torch.isfinite(piece)).any()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
 
     def hf_weights(self, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream the current weights as full HF-named tensors (a collective; see models.convert)."""

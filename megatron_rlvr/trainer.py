@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr import checkpoint as ckpt
+from megatron_rlvr import platform
 from megatron_rlvr.algos.dynamic_sampling import GroupAccumulator
 from megatron_rlvr.algos.high_entropy import LossSettings, dapo_loss, select_global, token_stats
 from megatron_rlvr.batch import build_batch, micro_batches
@@ -33,7 +34,7 @@ from megatron_rlvr.eval import evaluate
 from megatron_rlvr.generation import ShapingConfig, generate_groups
 from megatron_rlvr.logging import MetricsLogger
 from megatron_rlvr.models.builder import DTYPES
-from megatron_rlvr.models.pipeline import cp_slice
+from megatron_rlvr.models.pipeline import cp_slice, sequence_length_multiple
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
 from megatron_rlvr.policy import OptimConfig, Policy
@@ -60,7 +61,7 @@ def _batch_ranks_only(values: torch.Tensor, op) -> torch.Tensor:
     neutral = 0.0 if op == dist.ReduceOp.SUM else float("-inf")
     t = values.double() if owner else torch.full_like(values, neutral, dtype=torch.float64)
     dist.all_reduce(t, op=op)
-    return t
+    return t.cpu()  # for metrics: read on the host
 
 
 class Trainer:
@@ -92,6 +93,7 @@ class Trainer:
         t = cfg.trainer
         self.policy = Policy(spec, cfg.model.hf_dir, dtype=DTYPES[cfg.model.dtype],
                              recompute=cfg.model.recompute_activations,
+                             sequence_parallel=p.sequence_parallel,
                              optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay,
                                                grad_clip=t.grad_clip, adam_beta1=t.adam_beta1,
                                                adam_beta2=t.adam_beta2, adam_eps=t.adam_eps))
@@ -119,6 +121,7 @@ class Trainer:
                                  resume=resume_dir is not None)
         if resume_dir is not None:
             self._load(resume_dir)
+        self.policy.offload()  # GPU: the first rollout comes before any training
 
     # ----------------------------------------------------------------------------- setup
     def _make_engine(self, spec):
@@ -179,18 +182,25 @@ class Trainer:
 
         t1 = time.time()
         m = self.cfg.rollout.n
-        batch = build_batch(groups, pad_id=self.pad_id, length_multiple=2 * self.cfg.parallel.cp)
+        p = self.cfg.parallel
+        batch = build_batch(groups, pad_id=self.pad_id, length_multiple=sequence_length_multiple(
+            tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel))
         mini = self.cfg.trainer.ppo_mini_batch_size * m
         mini_batches = [micro_batches(batch, i, i + mini, dp_rank=self.dp_rank, dp=self.dp,
-                                      micro_batch_size=self.cfg.trainer.micro_batch_size)
+                                      micro_batch_size=self.cfg.trainer.micro_batch_size,
+                                      device=platform.device())
                         for i in range(0, batch["input_ids"].shape[0], mini)]
         old_stats = self._old_pass(mini_batches)
         update_stats = self._update(mini_batches, old_stats.pop("entropies"))
         t_train = time.time() - t1
 
         t2 = time.time()
-        self.engine.wake_up()
+        # GPU memory choreography (no-ops on CPU): training state leaves the GPU, the engine's
+        # weights come back and are overwritten, then its KV cache returns for the next rollout.
+        self.policy.offload()
+        self.engine.wake_up(tags=["weights"])
         sync = self.engine.update_weights(self.policy.hf_weights(include_tied_lm_head=True))
+        self.engine.wake_up(tags=["kv_cache"])
         t_sync = time.time() - t2
 
         acc = [a for g in generated for a in g.accuracy]
@@ -242,8 +252,9 @@ class Trainer:
     def _old_pass(self, mini_batches) -> dict:
         """Log-probs and entropies of the policy that generated the batch (before any update)."""
         s = self.loss_settings
-        sums = torch.zeros(3, dtype=torch.float64)  # entropy sum, response tokens, |diff| sum
-        diff_max = torch.full((1,), float("-inf"), dtype=torch.float64)
+        dev = platform.device()
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # entropy, tokens, |diff| sums
+        diff_max = torch.full((1,), float("-inf"), dtype=torch.float64, device=dev)
         entropies = []
         for mbs in mini_batches:
             outs = self.policy.forward(mbs, partial(token_stats, s=s))
@@ -272,13 +283,18 @@ class Trainer:
         s = self.loss_settings
         names = ("kept_count", "response_count", "tokens_count", "clip_high_count",
                  "clip_low_count", "dual_clip_count", "ratio_sum", "approx_kl_sum")
-        sums = torch.zeros(len(names), dtype=torch.float64)
+        dev = platform.device()
+        sums = torch.zeros(len(names), dtype=torch.float64, device=dev)
         # Per mini-batch, the lowest entropy that received gradient (τ in the global scope).
-        lowest_kept = torch.full((len(mini_batches),), float("inf"), dtype=torch.float64)
+        lowest_kept = torch.full((len(mini_batches),), float("inf"), dtype=torch.float64,
+                                 device=dev)
         losses, norms, skipped = [], [], 0
         for i, mbs in enumerate(mini_batches):
-            gen = torch.Generator().manual_seed(seed_for(self.cfg.trainer.seed, "select",
-                                                         self.step, i, self.rank))
+            # Random selection: one stream per (step, mini-batch, data- and context-parallel
+            # rank), so tensor-parallel peers, which hold the same tokens, draw the same mask.
+            gen = platform.generator(seed_for(self.cfg.trainer.seed, "select", self.step, i,
+                                              ps.get_data_parallel_rank(),
+                                              ps.get_context_parallel_rank()))
             if s.scope == "global" and s.ratio < 1.0:
                 # The policy before mini-batch 0 is the old policy: reuse its entropies. Later
                 # mini-batches need a forward pass of the current policy (every stage takes part).
@@ -296,18 +312,18 @@ class Trainer:
                 if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
                     raise TrainingAborted(
                         f"{self.nonfinite_in_row} optimizer steps in a row had a non-finite loss "
-                        f"(last: {result.loss}) at RL step {self.step}; stopping "
+                        f"or gradient (last loss: {result.loss}) at RL step {self.step}; stopping "
                         "(trainer.max_nonfinite_steps). Lower trainer.lr or check the data.")
                 if self.rank == 0:
-                    print(f"warning: step {self.step} mini-batch {i}: non-finite loss "
-                          f"{result.loss}; update skipped", flush=True)
+                    print(f"warning: step {self.step} mini-batch {i}: non-finite loss or "
+                          f"gradient (loss {result.loss}); update skipped", flush=True)
                 continue
             self.nonfinite_in_row = 0
             losses.append(result.loss)
             norms.append(result.grad_norm)
             for log in result.logs:
-                sums += torch.stack([torch.as_tensor(log[k]).double() for k in names])
-                lowest_kept[i] = min(lowest_kept[i].item(), float(log["kept_entropy_min"]))
+                sums += torch.stack([torch.as_tensor(log[k], device=dev).double() for k in names])
+                lowest_kept[i] = torch.minimum(lowest_kept[i], log["kept_entropy_min"].double())
         sums = _batch_ranks_only(sums, dist.ReduceOp.SUM)
         lowest_kept = -_batch_ranks_only(-lowest_kept, dist.ReduceOp.MAX)
         lowest_kept = lowest_kept[torch.isfinite(lowest_kept)]
@@ -348,10 +364,21 @@ class Trainer:
 
     def _save(self) -> None:
         root = self._checkpoint_root()
+        # GPU: the optimizer state is in host memory and the engine holds its KV cache; the save
+        # needs the first on the device and room for it, so the engine sleeps and is synced anew.
+        on_gpu = platform.has_cuda()
+        if on_gpu:
+            self.engine.sleep()
+            self.policy.restore()
         path = ckpt.save_checkpoint(ckpt.step_dir(root, self.step), self.policy.model,
                                     hf_dir=self.cfg.model.hf_dir,
                                     optimizer=self.policy.optimizer, extra=self._state(),
                                     overwrite=True)
+        if on_gpu:
+            self.policy.offload()
+            self.engine.wake_up(tags=["weights"])
+            self.engine.update_weights(self.policy.hf_weights(include_tied_lm_head=True))
+            self.engine.wake_up(tags=["kv_cache"])
         keep = self.cfg.checkpoint.keep_last
         if keep > 0 and self.rank == 0:
             done = sorted(d for d in os.listdir(root) if ckpt.is_complete(os.path.join(root, d)))

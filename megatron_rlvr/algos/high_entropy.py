@@ -118,18 +118,20 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
         logp, old, advantages, keep, clip_ratio_low=s.clip_ratio_low,
         clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
         loss_agg_mode=s.loss_agg_mode, denominator=1.0, seq_token_counts=seq_counts)
+    # Counts stay on the device: Megatron all-reduces the denominators over data-parallel ranks.
     if token_mean:
-        count = int(count_mask.sum())
+        count = count_mask.sum(dtype=torch.int64)
     else:
-        count = labels.shape[0] if lead else 0
+        count = torch.tensor(labels.shape[0] if lead else 0, dtype=torch.int64,
+                             device=logits.device)
     if s.scope == "micro_batch":
         # The seed code's per-micro-batch mean: divide here, count the micro-batch once.
-        mb_count = torch.tensor(float(count), dtype=torch.float64)
+        mb_count = count.double()
         if dist.get_world_size(cp_group) > 1:
             dist.all_reduce(mb_count, group=cp_group)
-        total = total / mb_count.clamp(min=1).item()
-        count = 1 if lead else 0
-    denominator = torch.tensor(count, dtype=torch.int)
+        total = total / mb_count.clamp(min=1)
+        count = torch.tensor(1 if lead else 0, dtype=torch.int64, device=logits.device)
+    denominator = count.int()
     with torch.no_grad():
         kept_ent = ent.masked_fill(~keep, float("inf"))
         logs = {

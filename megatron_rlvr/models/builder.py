@@ -52,7 +52,8 @@ def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1, cp: int = 1
         # Megatron marks tensor-parallel weights (`tensor_model_parallel`), which the optimizer's
         # grad norm and the checkpoint sharding rely on.
         perform_initialization=True,
-        use_cpu_initialization=not on_gpu,
+        # Parameters are created where they compute: on the host only when the device is the host.
+        use_cpu_initialization=platform.host_device(),
         # Per-token loss accounting: our loss functions return (numerator, denominator) and
         # finalize_model_grads divides once by the global denominator (see models/train_step.py).
         calculate_per_token_loss=True,
@@ -112,6 +113,6 @@ def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, recomput
         rope_scaling=spec.rope_scaling_factor is not None,
         rope_scaling_factor=spec.rope_scaling_factor or 8.0,
     )
-    if platform.has_cuda():
-        model.cuda(torch.cuda.current_device())
+    if not platform.host_device():
+        model.to(platform.device())  # a no-op for what Megatron already made on the device
     return model

