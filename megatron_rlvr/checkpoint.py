@@ -16,10 +16,20 @@ finished, so a crash mid-save leaves no directory that `latest_checkpoint` would
 Optimizer state (Megatron's distributed optimizer) is saved in its `fully_reshardable` format:
 each parameter's Adam moments and fp32 master copy are stored like the parameter itself (global
 shape, per-rank slices), so it also reshards across TP, PP and DP on load (tested from TP2×PP2 to
-DP2×CP2). The price: while saving, each data-parallel group first gathers its optimizer shards, so
-every rank briefly holds the optimizer state of its whole model-parallel slice. One exception: Megatron stores the optimizer state of the embedding and output
+DP2×CP2). Megatron writes that format by first all-gathering every data-parallel rank's optimizer
+shard, so every rank would hold the fp32 state of its whole model-parallel slice (3 × 4 bytes a
+parameter) at once: the first save of a Qwen3-0.6B at TP2 was OOM-killed on a 24 GiB machine. We
+write the same tensors without the gather (`_param_state_by_owner`): each parameter's state is
+written by the one data-parallel rank that holds it, straight from the optimizer's own tensors
+(views, no copy); only a parameter split between data-parallel ranks is assembled, on the rank
+holding most of it (point-to-point, one parameter at a time). The files are Megatron's, so loading
+is Megatron's own code. One exception: Megatron stores the optimizer state of the embedding and output
 layer at their padded vocabulary size, so when `vocab_size` is not divisible by both TP sizes the
 optimizer state only loads at a TP size with the same padding (model weights always load).
+
+Transformer-Engine's layers add `_extra_state` entries (FP8 metadata) that Megatron's local layers
+do not all have; loading tolerates exactly those keys missing or unexpected, so a checkpoint written
+on a CPU loads into a TE model and vice versa. Any other key mismatch is an error.
 
 All paths must be on a file system every rank sees (as Megatron's own checkpoints require).
 """
@@ -239,8 +249,131 @@ def _sharded_state(module, optimizer, *, is_loading: bool) -> dict:
     metadata = ensure_metadata_has_dp_cp_group(dict(_METADATA))
     state = {"model": module.sharded_state_dict(metadata=metadata)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading,
-                                                          metadata=metadata)
+        state["optimizer"] = _optimizer_sharded_state(optimizer, state["model"],
+                                                      is_loading=is_loading, metadata=metadata)
+    return state
+
+
+# How the optimizer state is saved: "by_owner" (ours, no gather) or "gather" (Megatron's own
+# `fully_reshardable` save; kept for benchmarks/checkpoint_memory.py). Both write the same tensors.
+OPTIMIZER_SAVE = "by_owner"
+_OPTIMIZER_STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _distributed_optimizers(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(o, DistributedOptimizer)]
+
+
+def _optimizer_sharded_state(optimizer, model_state, *, is_loading: bool, metadata: dict):
+    """Megatron's optimizer sharded state dict; when saving, with the parameter state built by
+    `_param_state_by_owner` instead of Megatron's gather (for this call only)."""
+    patched = [] if is_loading or OPTIMIZER_SAVE == "gather" else _distributed_optimizers(optimizer)
+    for opt in patched:
+        opt.sharded_param_state_fully_reshardable = (
+            lambda model_sd, is_loading=False, metadata=None, opt=opt:
+            _param_state_by_owner(opt, model_sd, metadata))
+    try:
+        return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+    finally:
+        for opt in patched:
+            del opt.sharded_param_state_fully_reshardable
+
+
+def _dp_owner_replica_id(replica_id, sharded) -> tuple:
+    """The model parameter's replica id with its data-parallel component (the last one, by
+    Megatron's convention `(copy, tp replica, dp_cp rank)`) made main: this rank writes it."""
+    if not (isinstance(replica_id, tuple) and len(replica_id) == 3):
+        raise NotImplementedError(f"{sharded.key}: replica id {replica_id!r} is not Megatron's "
+                                  "(copy, tp, dp) triple; cannot save its optimizer state")
+    return (*replica_id[:-1], 0)
+
+
+def _param_state_by_owner(opt, model_sharded_state_dict, metadata):
+    """`DistributedOptimizer.sharded_param_state_fully_reshardable` for saving, without its gather.
+
+    Megatron's version all-gathers every data-parallel rank's flat fp32 buffers (master weights and
+    both Adam moments) into whole-buffer CPU tensors on every rank, then cuts them into
+    parameter-shaped tensors that only data-parallel rank 0 writes. Here each parameter's state is
+    written by the data-parallel rank that holds it (the one holding most of it when the
+    distributed optimizer splits it between ranks), with the same keys, shapes, dtypes and
+    model-parallel replica ids, so the checkpoint is the same and Megatron's loader reads it.
+    A parameter held whole is a view of the optimizer's tensors; only split parameters are
+    assembled, by point-to-point transfers of their pieces, one state tensor at a time (moved to
+    the host, as Megatron's world buffers are).
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    group = opt.data_parallel_group
+    dp_size, dp_rank = group.size(), group.rank()
+    global_ranks = dist.get_process_group_ranks(group)
+    model_sd, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
+    sharded_of = {sh.data: sh for sh in nested_values(model_sd)}
+
+    # The plan: the same on every data-parallel rank (the buffers' layout is identical).
+    plan = []  # (param_idx, model_param, sharded metadata, owner, {rank: (start, end) in param})
+    param_idx = 0
+    for gbuf_idx, gbuf_range_maps in enumerate(opt.gbuf_ranges):
+        buffer = opt.buffers[gbuf_idx]
+        assert len(gbuf_range_maps) == 1, "single dtype supported, for now."
+        for model_param, (start, end, bucket_id) in buffer.param_index_map.items():
+            sharded = sharded_of.get(model_param)
+            if sharded is None:
+                raise ValueError(f"Model param {model_param.shape} not in model_sharded_state_dict")
+            assert sharded.flattened_range is None, f"Flattened model tensor ({sharded})"
+            bucket = buffer.buckets[bucket_id]
+            local = bucket.grad_data.numel() // dp_size
+            pieces = {}
+            for r in range(dp_size):
+                lo = max(start, bucket.offset + r * local)
+                hi = min(end, bucket.offset + (r + 1) * local)
+                if lo < hi:
+                    pieces[r] = (lo - start, hi - start)
+            owner = max(pieces, key=lambda r: (pieces[r][1] - pieces[r][0], -r))
+            plan.append((param_idx, model_param, sharded, owner, pieces))
+            param_idx += 1
+    for *_, sharded, _, _ in plan:
+        _dp_owner_replica_id(sharded.replica_id, sharded)  # fail before any transfer
+
+    state = {}
+    for param_idx, model_param, sharded, owner, pieces in plan:
+        if dp_rank not in pieces:
+            continue
+        mine = opt._get_main_param_and_optimizer_states(model_param)
+        flat = {}
+        for key in _OPTIMIZER_STATE_KEYS:
+            own = mine[key].detach()
+            if len(pieces) == 1:
+                flat[key] = own.view(-1)
+            elif dp_rank == owner:
+                full = torch.empty(model_param.numel(), dtype=own.dtype, device=own.device)
+                for r, (lo, hi) in sorted(pieces.items()):
+                    if r == dp_rank:
+                        full[lo:hi].copy_(own.view(-1))
+                    else:
+                        dist.recv(full[lo:hi], src=global_ranks[r], group=group)
+                flat[key] = full.cpu()  # off the accelerator, as Megatron's world buffers
+                del full
+            else:
+                dist.send(own.contiguous().view(-1), dst=global_ranks[owner], group=group)
+        if dp_rank != owner:
+            continue
+        replica_id = _dp_owner_replica_id(sharded.replica_id, sharded)
+        tensors = {}
+        for key, t in flat.items():
+            assert t.numel() == model_param.numel(), (sharded.key, key, t.numel())
+            t = t.view(sharded.data.shape)
+            kwargs = dict(key=f"optimizer.state.{key}.{sharded.key}", data=t, dtype=t.dtype,
+                          replica_id=replica_id)
+            if isinstance(sharded, ShardedTensorFactory):
+                kwargs.pop("dtype")
+            tensors[key] = dataclasses.replace(sharded, **kwargs)
+            tensors[key].validate_metadata_integrity()
+        state[param_idx] = tensors
     return state
 
 
@@ -321,6 +454,19 @@ def save_checkpoint(ckpt_dir: str, model_chunks, *, hf_dir: str, optimizer=None,
     return ckpt_dir
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _only_extra_state(ckpt_dir: str, spec: ModelSpec, what: str, keys) -> None:
+    """Transformer-Engine layers have `_extra_state` entries (FP8 metadata) that Megatron's local
+    layers do not all have: only those may differ between the checkpoint and the model."""
+    other = sorted(k for k in keys if not k.endswith(EXTRA_STATE_SUFFIX))
+    if other:
+        raise CheckpointError(f"{ckpt_dir}: its tensors do not fit {describe(spec)} at layout "
+                              f"{_layout()}: {len(other)} keys {what}: {', '.join(other[:8])}"
+                              + (" ..." if len(other) > 8 else ""))
+
+
 def replace_dir(src: str, dst: str) -> None:
     """Rename `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
     if os.path.exists(dst):
@@ -352,12 +498,18 @@ def load_checkpoint(ckpt_dir: str, model_chunks, *, spec: ModelSpec, optimizer=N
     if with_state is not None:
         _prepare_adam_for_load(optimizer)
     try:
-        loaded = dist_checkpointing.load(_sharded_state(module, with_state, is_loading=True),
-                                         ckpt_dir, strict=StrictHandling.RAISE_UNEXPECTED)
+        # "Unexpected" in Megatron's terms: asked for by the model but absent from the checkpoint
+        # (removed from the request and returned); keys only the checkpoint has are not read.
+        loaded, _, absent = dist_checkpointing.load(
+            _sharded_state(module, with_state, is_loading=True), ckpt_dir,
+            strict=StrictHandling.RETURN_UNEXPECTED)
     except CheckpointingException as e:
         raise CheckpointError(f"{ckpt_dir}: its tensors do not fit {describe(spec)} at layout "
                               f"{_layout()}: {e}") from None
-    module.load_state_dict(loaded["model"], strict=True)
+    _only_extra_state(ckpt_dir, spec, "not in the checkpoint", absent)
+    result = module.load_state_dict(loaded["model"], strict=False)
+    _only_extra_state(ckpt_dir, spec, "missing from the loaded state", result.missing_keys)
+    _only_extra_state(ckpt_dir, spec, "not in the model", result.unexpected_keys)
     if with_state is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
