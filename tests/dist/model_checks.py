@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from megatron_rlvr import platform
 from megatron_rlvr.models.builder import build_model
 from megatron_rlvr.models.convert import iter_hf_weights, load_hf_weights
 from megatron_rlvr.models.pipeline import cp_gather, cp_slice, gather_vocab, run_micro_batches
@@ -25,6 +26,7 @@ from megatron_rlvr.policy import OptimConfig, Policy
 
 
 def reference(hf_dir, tokens):
+    """transformers' logits on the host (float64), for host `tokens`."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -40,7 +42,9 @@ def check_parity(hf_dir, spec, tokens):
         out = run_micro_batches([model], [{"input_ids": tokens}], lambda mb, lg: lg,
                                 vocab_size=spec.vocab_size, forward_only=True)
     if parallel_state.is_pipeline_last_stage():
-        logits = cp_gather(gather_vocab(out[0], spec.vocab_size)).double()
+        # Our logits come back from the device; transformers runs on the host.
+        logits = cp_gather(gather_vocab(out[0], spec.vocab_size)).double().cpu()
+        tokens = tokens.cpu()
         ref = reference(hf_dir, tokens)
         d = (logits - ref).abs().max().item()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])
@@ -59,6 +63,7 @@ def check_export(hf_dir, spec, model):
         assert name not in seen, f"{name} exported twice"
         seen.add(name)
         assert name in original, f"exported unexpected tensor {name}"
+        tensor = tensor.cpu()  # exported from the device; the safetensors file is on the host
         assert tensor.dtype == original[name].dtype and torch.equal(tensor, original[name]), \
             f"{name} differs after the roundtrip"
     missing = set(original) - seen
@@ -109,12 +114,14 @@ def main():
     p.add_argument("dirs", nargs="+")
     args = p.parse_args()
     init_distributed(args.tp, args.pp, args.cp, seed=0)
+    dev = platform.device()  # the inputs live where the model does (cuda:<local rank> on a GPU)
     tokens = None
     result = {}
     for k, hf_dir in enumerate(args.dirs):
         spec = read_model_spec(hf_dir)
         gen = torch.Generator().manual_seed(7)
-        tokens = torch.randint(1, spec.vocab_size, (4, 48), generator=gen)  # 1..: id 0 is the pad token
+        # 1..: id 0 is the pad token. Drawn on the host (the same ids on every device), then moved.
+        tokens = torch.randint(1, spec.vocab_size, (4, 48), generator=gen).to(dev)
         model = check_parity(hf_dir, spec, tokens)
         if not args.no_export:
             check_export(hf_dir, spec, model)
