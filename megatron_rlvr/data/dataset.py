@@ -13,6 +13,7 @@ resolved before sampling and the sampler works over a fixed list.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -61,10 +62,16 @@ def _check_row(row: dict[str, Any], prompt_key: str) -> tuple[str, list[dict[str
     rm = row.get("reward_model")
     gt = rm.get("ground_truth") if isinstance(rm, dict) else None
     if isinstance(gt, (int, float)) and not isinstance(gt, bool):
+        if not math.isfinite(gt):
+            raise BadRow(f"field 'reward_model.ground_truth': expected a finite number or a "
+                         f"non-empty string, got {gt!r}")
         gt = str(gt)
     if not isinstance(gt, str) or not gt.strip():
         raise BadRow(f"field 'reward_model.ground_truth': expected a non-empty string, "
                      f"got {gt!r:.80}")
+    if not _is_answer(gt):
+        raise BadRow(f"field 'reward_model.ground_truth': {gt.strip()!r:.80} is not an answer "
+                     "(not a finite number)")
     extra = row.get("extra_info")
     if extra is None:
         extra = {}
@@ -73,9 +80,21 @@ def _check_row(row: dict[str, Any], prompt_key: str) -> tuple[str, list[dict[str
     return source, [{"role": m["role"], "content": m["content"]} for m in msgs], gt, extra
 
 
+# Ground truths that are not answers: what an export writes for a missing (NaN) or infinite
+# number. ("None" is left alone: it can be a real answer.)
+_NOT_ANSWERS = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
+                "-infinity"}
+
+
+def _is_answer(gt: str) -> bool:
+    return gt.strip().lower() not in _NOT_ANSWERS
+
+
 def _read_rows(path: str, prompt_key: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"dataset file {path} is a directory, not a parquet file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path}")
     try:
@@ -88,7 +107,11 @@ def _read_rows(path: str, prompt_key: str) -> list[dict[str, Any]]:
         raise ValueError(f"{path}: missing column(s) {missing}; found {table.column_names} "
                          f"(expected verl's schema: data_source, {prompt_key}, reward_model, "
                          f"extra_info)")
-    return table.to_pylist()
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: a string column holds bytes that are not UTF-8 "
+                         f"({e.reason} at byte {e.start}); re-export the file as UTF-8") from None
 
 
 class PromptDataset:
