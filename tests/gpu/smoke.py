@@ -513,11 +513,27 @@ def check_vllm(ctx) -> str:
     def greedy():
         return [o.samples[0].token_ids for o in engine.generate(prompts, greedy_params).outputs]
 
+    tol = 1e-3 if ctx.vllm_dtype == "float32" else 5e-2
+
+    def check_greedy(ref, outputs, when):
+        """Each vLLM token must be transformers' argmax given the same prefix, up to `tol` in
+        logits (GPU kernels may break near-ties of a random tiny model differently)."""
+        exact = sum(out == hf_greedy(ref, p, 12) for p, out in zip(prompts, outputs))
+        worst = 0.0
+        for p, out in zip(prompts, outputs):
+            with torch.no_grad():
+                logits = ref(torch.tensor([p + out])).logits[0, len(p) - 1:-1].double()
+            gap = logits.max(-1).values - logits.gather(-1, torch.tensor(out)[:, None])[:, 0]
+            worst = max(worst, gap.max().item())
+        if worst > tol:
+            raise AssertionError(f"greedy {when} the update: a vLLM token is {worst:.2e} below "
+                                 f"transformers' argmax logit (tol {tol:g}); exactly equal "
+                                 f"sequences {exact}/{len(prompts)}")
+        return f"{exact}/{len(prompts)} exact, worst gap {worst:.1e}"
+
     ref_a = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     before = greedy()
-    expected = [hf_greedy(ref_a, p, 12) for p in prompts]
-    if before != expected:
-        raise AssertionError(f"greedy before update: vLLM {before} vs transformers {expected}")
+    parity_before = check_greedy(ref_a, before, "before")
     free = lambda: torch.cuda.mem_get_info()[0] if cuda else 0  # noqa: E731
     free_awake = free()
     engine.sleep()
@@ -534,13 +550,12 @@ def check_vllm(ctx) -> str:
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise AssertionError(f"exported names: missing {missing}, unexpected {unexpected}")
     after = greedy()
-    expected = [hf_greedy(ref_b, p, 12) for p in prompts]
-    if after != expected:
-        raise AssertionError(f"greedy after update: vLLM {after} vs transformers {expected}")
+    parity_after = check_greedy(ref_b, after, "after")
     engine.shutdown()
-    return (f"vLLM {vllm.__version__} {ctx.vllm_dtype}, engine up in {start_s:.1f} s; greedy "
-            f"equal to transformers for {len(prompts)} prompts x 12 tokens before and after the "
-            f"update ({'changed' if after != before else 'unchanged'} by 2 DAPO steps); sleep "
+    return (f"vLLM {vllm.__version__} {ctx.vllm_dtype}, engine up in {start_s:.1f} s; greedy vs "
+            f"transformers, {len(prompts)} prompts x 12 tokens: before update {parity_before}, "
+            f"after {parity_after} (output {'changed' if after != before else 'unchanged'} by "
+            f"2 DAPO steps); sleep "
             + (f"freed {gib(freed)}" if cuda else "is a no-op on CPU")
             + f"; update {sync_stats.bytes / 1e6:.1f} MB in {sync_stats.buckets} buckets, "
             f"{sync_stats.seconds * 1e3:.0f} ms")
