@@ -38,3 +38,16 @@ def test_check_names_and_groups_agree():
     assert len(smoke.CHECKS) == len(set(smoke.CHECKS)) == 10
     assert list(smoke.GROUPS) == list(smoke.TIMEOUT_S)
     assert list(smoke.GROUPS)[-1] == "vllm"  # its shutdown destroys the process group: last
+
+
+@pytest.mark.slow
+def test_spent_budget_fails_every_check_and_the_exit_code(tmp_path):
+    """A check that did not run is a FAIL line, never a silent gap, and the run exits 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/gpu/smoke.py"), "--cpu",
+                           "--workdir", str(tmp_path), "--budget-s", "0"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    results = {m.group(2): m.group(1) for m in map(LINE.match, proc.stdout.splitlines()) if m}
+    assert results == {name: "FAIL" for name in smoke.CHECKS}, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 1
+    assert "summary: 0 PASS, 10 FAIL, 0 SKIP" in proc.stdout
