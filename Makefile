@@ -43,8 +43,9 @@ GPU_WHEELS   := tests/gpu/wheels
 GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 
+# Uses .venv's python where it exists (dev machines), else python3 (the GPU machine has no .venv).
 gpu-smoke:
-	bash tests/gpu/run.sh $(ARGS)
+	PYTHON=$${PYTHON:-$(if $(wildcard $(PY)),$(PY),python3)} bash tests/gpu/run.sh $(ARGS)
 
 gpu-wheels:
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
