@@ -10,6 +10,7 @@ from functools import partial
 
 import torch
 
+from megatron_rlvr import platform
 from megatron_rlvr.algos.high_entropy import LossSettings, dapo_loss, token_stats
 from megatron_rlvr.models.pipeline import cp_slice
 from megatron_rlvr.models.spec import read_model_spec
@@ -29,10 +30,11 @@ def main():
                     optim=OptimConfig(lr=1e-5, weight_decay=0.0))
     gen = torch.Generator().manual_seed(0)
     n, s, prompt = 4, 24, 8
-    ids = torch.randint(1, spec.vocab_size, (n, s), generator=gen)
-    mask = torch.zeros(n, s, dtype=torch.bool)
+    dev = platform.device()  # the batch lives where the model does
+    ids = torch.randint(1, spec.vocab_size, (n, s), generator=gen).to(dev)
+    mask = torch.zeros(n, s, dtype=torch.bool, device=dev)
     mask[:, prompt - 1:s - 1] = True
-    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])[:, None].expand(n, s).contiguous()
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0], device=dev)[:, None].expand(n, s).contiguous()
     mb = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "response_mask": mask,
           "advantages": adv}
     settings = LossSettings(temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.28,
