@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_rlvr import planner  # noqa: E402
+from megatron_rlvr.algos.objective import describe_objective  # noqa: E402
 from megatron_rlvr.config import ConfigError, data_parallel_size, load_config  # noqa: E402
 from megatron_rlvr.models.spec import check_layout, read_model_spec  # noqa: E402
 
@@ -142,6 +143,7 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
                             sequence_parallel=p.sequence_parallel, num_microbatches=micro)
     mem = planner.memory(shape, lay, work)
     fits = mem.peak <= cluster.gpu_memory_gib * planner.GIB
+    a = cfg.algorithm
     return [
         f"model: {spec.architecture}, {planner.total_params(shape):,} parameters "
         f"({planned_with})",
@@ -154,9 +156,10 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
         f"update: {t.train_batch_size} prompts a step = {t.train_batch_size // t.ppo_mini_batch_size}"
         f" optimizer steps of {seqs} sequences; {micro} micro-batches of {t.micro_batch_size} "
         f"per DP rank per optimizer step",
-        f"algorithm: entropy_top_ratio {cfg.algorithm.entropy_top_ratio} "
-        f"({cfg.algorithm.entropy_top_scope}), lr {t.lr:g}, clip "
-        f"[{cfg.algorithm.clip_ratio_low}, {cfg.algorithm.clip_ratio_high}]",
+        f"algorithm: entropy_top_ratio {a.entropy_top_ratio}, lr {t.lr:g}, clip "
+        f"[{a.clip_ratio_low}, {a.clip_ratio_high}], dual clip {a.clip_ratio_c:g}",
+        "objective: " + describe_objective(a.entropy_top_ratio, a.entropy_top_scope,
+                                           a.entropy_loss_norm, a.entropy_select, a.loss_agg_mode),
         f"memory (planner estimate, stage {mem.stage}): peak {mem.peak / planner.GIB:.1f} GiB of "
         f"{cluster.gpu_memory_gib:g} -> " + ("fits" if fits else "DOES NOT FIT; see "
                                                "`python -m megatron_rlvr plan --config ...`"),

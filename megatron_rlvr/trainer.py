@@ -26,7 +26,9 @@ import torch.distributed as dist
 from megatron_rlvr import checkpoint as ckpt
 from megatron_rlvr import platform
 from megatron_rlvr.algos.dynamic_sampling import GroupAccumulator
-from megatron_rlvr.algos.high_entropy import LossSettings, dapo_loss, select_global, token_stats
+from megatron_rlvr.algos.objective import describe_objective
+from megatron_rlvr.algos.high_entropy import (LossSettings, dapo_loss, select_mini_batch,
+                                              token_stats)
 from megatron_rlvr.batch import build_batch, micro_batches
 from megatron_rlvr.config import Config, config_to_dict, data_parallel_size
 from megatron_rlvr.data.dataset import PromptDataset, PromptSampler
@@ -50,6 +52,17 @@ def seed_for(*parts) -> int:
     """A stable 31-bit seed from any parts (run seed, step, round, ...)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def selection_generator(run_seed: int, step: int, mini_batch: int) -> torch.Generator:
+    """The random-selection stream of one mini-batch on this rank: seeded by (step, mini-batch,
+    data- and context-parallel rank), so tensor-parallel peers, which hold the same tokens, draw
+    the same mask, and pipeline stages agree."""
+    from megatron.core import parallel_state as ps
+
+    return platform.generator(seed_for(run_seed, "select", step, mini_batch,
+                                       ps.get_data_parallel_rank(),
+                                       ps.get_context_parallel_rank()))
 
 
 def _batch_ranks_only(values: torch.Tensor, op) -> torch.Tensor:
@@ -119,6 +132,14 @@ class Trainer:
                                  wandb=lg.wandb, wandb_project=lg.wandb_project,
                                  wandb_mode=lg.wandb_mode, config=config_to_dict(cfg),
                                  resume=resume_dir is not None)
+        self.log.info("objective: " + describe_objective(
+            a.entropy_top_ratio, a.entropy_top_scope, a.entropy_loss_norm, a.entropy_select,
+            a.loss_agg_mode))
+        if a.entropy_top_scope == "micro_batch" and a.entropy_top_ratio < 1.0 \
+                and t.micro_batch_size < 8:
+            self.log.info(f"warning: entropy_top_scope=micro_batch with trainer.micro_batch_size="
+                          f"{t.micro_batch_size}: each top-k pool is {t.micro_batch_size} "
+                          "response(s); the seed code's pools hold ~16-32 (docs/method.md)")
         if resume_dir is not None:
             self._load(resume_dir)
         self.policy.offload()  # GPU: the first rollout comes before any training
@@ -278,8 +299,6 @@ class Trainer:
                 "entropies": entropies}
 
     def _update(self, mini_batches, old_entropies) -> dict:
-        from megatron.core import parallel_state as ps
-
         s = self.loss_settings
         names = ("kept_count", "response_count", "tokens_count", "clip_high_count",
                  "clip_low_count", "dual_clip_count", "ratio_sum", "approx_kl_sum")
@@ -290,21 +309,10 @@ class Trainer:
                                  device=dev)
         losses, norms, skipped = [], [], 0
         for i, mbs in enumerate(mini_batches):
-            # Random selection: one stream per (step, mini-batch, data- and context-parallel
-            # rank), so tensor-parallel peers, which hold the same tokens, draw the same mask.
-            gen = platform.generator(seed_for(self.cfg.trainer.seed, "select", self.step, i,
-                                              ps.get_data_parallel_rank(),
-                                              ps.get_context_parallel_rank()))
-            if s.scope == "global" and s.ratio < 1.0:
-                # The policy before mini-batch 0 is the old policy: reuse its entropies. Later
-                # mini-batches need a forward pass of the current policy (every stage takes part).
-                outs = None if i == 0 else self.policy.forward(mbs, partial(token_stats, s=s))
-                if ps.is_pipeline_last_stage():
-                    ents = old_entropies[i] if i == 0 else [o["entropy"] for o in outs]
-                    keeps = select_global(ents, [cp_slice(mb["response_mask"]) for mb in mbs],
-                                          s, gen)
-                    for mb, keep, ent in zip(mbs, keeps, ents):
-                        mb["keep_local"] = keep.view(ent.shape)
+            gen = selection_generator(self.cfg.trainer.seed, self.step, i)
+            # The policy before mini-batch 0 is the old policy: its entropies are known.
+            select_mini_batch(self.policy, mbs, s, gen,
+                              entropies=old_entropies[i] if i == 0 else None)
             result = self.policy.train_step(mbs, partial(dapo_loss, s=s, generator=gen))
             if result.skipped:
                 skipped += 1

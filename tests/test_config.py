@@ -22,7 +22,7 @@ def test_defaults_are_the_papers_dapo_recipe():
     assert (c.algorithm.overlong_buffer_len, c.algorithm.max_num_gen_batches) == (4096, 10)
     assert (c.trainer.train_batch_size, c.trainer.ppo_mini_batch_size, c.trainer.lr) == (512, 32, 1e-6)
     assert (c.eval.top_p, c.eval.temperature) == (0.7, 1.0)
-    assert c.algorithm.entropy_top_ratio == 1.0 and c.algorithm.entropy_top_scope == "micro_batch"
+    assert c.algorithm.entropy_top_ratio == 1.0 and c.algorithm.entropy_top_scope == "global"
     # derived defaults are filled in at load
     assert (c.trainer.gen_batch_size, c.eval.max_response_length) == (512, 20480)
 

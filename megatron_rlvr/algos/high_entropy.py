@@ -9,19 +9,24 @@ Selection (`algorithm.entropy_select`):
 - `top`: the k = ⌈ρ·N⌉ highest-entropy response tokens; `bottom`: the ⌈(1−ρ)·N⌉ lowest (the paper's
   ablation); `random`: k tokens chosen uniformly (the control).
 Scope (`algorithm.entropy_top_scope`):
-- `micro_batch`: N counts the micro-batch's response tokens (across its context-parallel ranks),
-  as the paper's released code does; the loss is each micro-batch's mean and micro-batches weigh
-  equally (also at ρ = 1, so full-token and top-ρ runs aggregate alike).
-- `global`: one exact threshold over every response token of the mini-batch on all data- and
-  context-parallel ranks (the paper's definition); the selection is made before the update by
-  `select_global`, from an extra no-grad forward pass of the current policy. The loss is the
-  mini-batch's mean, whatever its split into micro-batches and ranks.
+- `global` (the paper's definition, the recipes' default): one exact threshold over every response
+  token of the mini-batch on all data- and context-parallel ranks; the selection is made before the
+  update by `select_mini_batch`, from the old pass's entropies for the first mini-batch and an extra
+  no-grad forward of the current policy for later ones. The loss is the mini-batch's token-mean,
+  whatever its split into micro-batches and ranks.
+- `micro_batch` (the seed code's): the top-k is taken inside each micro-batch of a rank (across its
+  context-parallel ranks), the loss is the masked mean over the micro-batch, and micro-batches are
+  weighted by their share of the mini-batch's sequences (verl's `loss * n_mb / mini_batch_size`,
+  averaged over data-parallel ranks). The seed's micro-batches are token budgets (verl dynamic
+  batch size) holding ~16-32 responses; with `micro_batch_size: 1` the pool would be one response.
+At ρ = 1 no token is dropped and both scopes are exactly DAPO's token-mean over the mini-batch.
 Normalisation (`algorithm.entropy_loss_norm`): divide by the kept tokens (`kept_tokens`, the seed
 code) or by all response tokens (`all_tokens`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -76,6 +81,27 @@ def token_stats(mb: dict, logits: torch.Tensor, s: LossSettings) -> dict:
     return {"logprobs": logp, "entropy": ent}
 
 
+def select_mini_batch(policy, micro_batches: list[dict], s: LossSettings,
+                      generator: torch.Generator | None,
+                      entropies: list[torch.Tensor] | None = None) -> None:
+    """The global scope's selection for one mini-batch, before its update: sets each micro-batch's
+    `keep_local` (last pipeline stage). `entropies`: this rank's entropies of the current policy
+    if already known (the old pass's, for the first mini-batch); otherwise a no-grad forward pass
+    computes them (every pipeline stage takes part). A no-op in the micro-batch scope or at ρ = 1."""
+    from megatron.core import parallel_state as ps
+
+    if s.scope != "global" or s.ratio >= 1.0:
+        return
+    if entropies is None:
+        entropies = [o["entropy"] for o in policy.forward(micro_batches, partial(token_stats, s=s))]
+    if not ps.is_pipeline_last_stage():
+        return
+    keeps = select_global(entropies, [cp_slice(mb["response_mask"]) for mb in micro_batches],
+                          s, generator)
+    for mb, keep, ent in zip(micro_batches, keeps, entropies):
+        mb["keep_local"] = keep.view(ent.shape)
+
+
 def select_global(entropies: list[torch.Tensor], masks: list[torch.Tensor], s: LossSettings,
                   generator: torch.Generator | None) -> list[torch.Tensor]:
     """One exact selection over the whole mini-batch (all data- and context-parallel ranks)."""
@@ -109,6 +135,7 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
         keep = choose_tokens(ent.detach(), response, s, cp_group, generator)
     count_mask = keep if s.norm == "kept_tokens" else response
     lead = cp_rank == 0  # count each sequence / micro-batch once over its context-parallel ranks
+    per_micro_batch = s.scope == "micro_batch" and s.ratio < 1.0 and s.loss_agg_mode == "token-mean"
 
     # Sum of per-token (or per-sequence) losses over this rank's tokens; denominators are counts.
     token_mean = s.loss_agg_mode == "token-mean"
@@ -124,13 +151,15 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
     else:
         count = torch.tensor(labels.shape[0] if lead else 0, dtype=torch.int64,
                              device=logits.device)
-    if s.scope == "micro_batch":
-        # The seed code's per-micro-batch mean: divide here, count the micro-batch once.
+    if per_micro_batch:
+        # The seed code: the micro-batch's masked mean, weighted by its sequences; Megatron then
+        # divides by the mini-batch's sequences (the summed denominators).
         mb_count = count.double()
         if dist.get_world_size(cp_group) > 1:
             dist.all_reduce(mb_count, group=cp_group)
-        total = total / mb_count.clamp(min=1)
-        count = torch.tensor(1 if lead else 0, dtype=torch.int64, device=logits.device)
+        sequences = labels.shape[0]
+        total = total * (sequences / mb_count.clamp(min=1))
+        count = torch.tensor(sequences if lead else 0, dtype=torch.int64, device=logits.device)
     denominator = count.int()
     with torch.no_grad():
         kept_ent = ent.masked_fill(~keep, float("inf"))
@@ -141,5 +170,6 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
             **metrics,
         }
     return total, denominator, logs
+
 
 
