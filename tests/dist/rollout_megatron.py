@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_rlvr import platform
 from megatron_rlvr.models.pipeline import gather_vocab
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.models.tiny import save_tiny_model
@@ -35,7 +36,7 @@ def ce_loss(mb, logits):
     losses = tensor_parallel.vocab_parallel_cross_entropy(
         logits.float().transpose(0, 1).contiguous(), mb["labels"].transpose(0, 1).contiguous())
     num = losses.transpose(0, 1).sum()
-    den = torch.tensor(mb["labels"].numel())
+    den = torch.tensor(mb["labels"].numel(), device=num.device)  # stacked with num: same device
     return num, den, {"numerator": num.detach(), "denominator": den}
 
 
@@ -71,12 +72,13 @@ def main():
                     for s in o.samples]]
         dist.broadcast_object_list(samples, src=0)
         samples = samples[0]
-        tokens = batch([p + r for p, r, _ in samples])
+        tokens = batch([p + r for p, r, _ in samples]).to(platform.device())
 
         def logprobs_of_responses(mb, logits):
             full = gather_vocab(logits, spec.vocab_size).float()
             lp = torch.log_softmax(full / TEMPERATURE, -1)
-            return [lp[i, len(p) - 1:len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None])[:, 0]
+            return [lp[i, len(p) - 1:len(p) + len(r) - 1].gather(
+                -1, torch.tensor(r, device=lp.device)[:, None])[:, 0]
                     for i, (p, r, _) in enumerate(samples)]
 
         result = policy.forward([{"input_ids": tokens}], logprobs_of_responses)
