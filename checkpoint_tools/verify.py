@@ -22,18 +22,21 @@ DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m checkpoint_tools.verify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_rlvr.safety import OneLineParser, positive_float, positive_int
+
+    p = OneLineParser(prog="python -m checkpoint_tools.verify", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
+    p.add_argument("--cp", type=positive_int, default=1, help="context-parallel size")
     p.add_argument("--dtype", choices=sorted(DEFAULT_TOL), default="float32",
                    help="Megatron parameter dtype (the HF reference runs in float32)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences in the test batch")
-    p.add_argument("--seq-len", type=int, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="sequences in the test batch")
+    p.add_argument("--seq-len", type=positive_int, default=64,
                    help="tokens per sequence (a multiple of 2·cp)")
-    p.add_argument("--tol", type=float, default=None,
+    p.add_argument("--tol", type=positive_float, default=None,
                    help="max abs difference allowed (default 1e-4 float32, 5e-2 bfloat16)")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
@@ -64,9 +67,12 @@ def main(argv=None) -> int:
     from megatron_rlvr.models.spec import read_model_spec
     from megatron_rlvr.parallel import destroy_distributed, init_distributed
 
+    from megatron_rlvr.safety import check_input_path
+
+    check_input_path(args.hf_dir, "--hf-dir")
     spec = read_model_spec(args.hf_dir)
     if args.seq_len % (2 * args.cp):
-        raise SystemExit(f"verify: --seq-len {args.seq_len} must be a multiple of 2·cp={2 * args.cp}")
+        raise ValueError(f"--seq-len {args.seq_len} must be a multiple of 2·cp={2 * args.cp}")
     init_distributed(args.tp, args.pp, args.cp, seed=args.seed)
     dtype = DTYPES[args.dtype]
     tol = args.tol if args.tol is not None else DEFAULT_TOL[args.dtype]
@@ -115,13 +121,9 @@ def main(argv=None) -> int:
 def cli(argv=None) -> int:
     """`main` with the user's mistakes (bad path, unsupported model, impossible layout) reported
     as one line instead of a traceback."""
-    from megatron_rlvr.models.hf_checkpoint import CheckpointError
+    from megatron_rlvr.safety import run_cli
 
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"verify: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return run_cli("verify", main, argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
     demo    [--config demo_top20|demo_full]   the tiny CPU demo end to end
     plan    --config FILE --nodes N ...       memory and layout planner
     config  [--config FILE] [key=value ...]   print every config field (or the resolved config)
+
+A user's mistake (bad flag, config, path, data row, checkpoint) ends with one line,
+`megatron_rlvr <command>: error: ...`, and exit code 2; MEGATRON_RLVR_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
@@ -23,15 +26,62 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def preflight(cfg, *, training: bool) -> None:
+    """Cheap checks of every path a run reads or writes, before torch.distributed, the model or
+    vLLM start: inputs exist and are what they should be, the output directory is writable, and
+    nothing the run replaces (the final HF export) is an input or a directory we did not write."""
+    from megatron_rlvr import safety
+    from megatron_rlvr.config import ConfigError
+    from megatron_rlvr.models.spec import read_model_spec
+
+    safety.check_input_path(cfg.model.hf_dir, "model.hf_dir")
+    read_model_spec(cfg.model.hf_dir)
+    files = [("data.val_files", f) for f in cfg.data.val_files]
+    if training:
+        files = [("data.train_files", f) for f in cfg.data.train_files] + files
+    for field, path in files:
+        safety.check_input_path(path, field, kind="file")
+    if not training:
+        return
+    out = cfg.logging.output_dir
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"logging.output_dir {out} exists and is not a directory")
+    safety.check_writable(out, "logging.output_dir")
+    c = cfg.checkpoint
+    if c.resume not in ("auto", "never"):
+        safety.check_input_path(c.resume, "checkpoint.resume")
+    if c.export_hf_at_end:
+        export = os.path.join(out, "hf_export")  # replaced at the end of the run
+        inputs = [("model.hf_dir", cfg.model.hf_dir), *files]
+        if c.resume not in ("auto", "never"):
+            inputs.append(("checkpoint.resume", c.resume))
+        for field, path in inputs:
+            rel = safety._relation(os.path.realpath(path), os.path.realpath(export))
+            if rel in ("is", "is inside"):
+                raise ConfigError(f"{field} {path} is inside {export}, which this run replaces "
+                                  "with its final export (checkpoint.export_hf_at_end); copy it "
+                                  "elsewhere or choose another logging.output_dir")
+        if os.path.isdir(export) and os.listdir(export) and not safety.is_ours(export):
+            raise ConfigError(f"{export} exists and was not written by megatron-rlvr; the final "
+                              "export would replace it: move it or choose another "
+                              "logging.output_dir")
+
+
 def cmd_train(args) -> int:
     from megatron_rlvr.trainer import train
-    train(_load(args))
+    cfg = _load(args)
+    preflight(cfg, training=True)
+    train(cfg)
     return 0
 
 
 def cmd_eval(args) -> int:
     from megatron_rlvr.eval import run
-    return run(_load(args))
+    cfg = _load(args)
+    if not cfg.data.val_files:
+        raise ValueError("data.val_files is empty: nothing to evaluate")
+    preflight(cfg, training=False)
+    return run(cfg)
 
 
 def cmd_demo(args) -> int:
@@ -61,8 +111,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if argv and argv[0] == "plan":  # the planner has its own argument parser
         return cmd_plan(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m megatron_rlvr", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_rlvr.safety import OneLineParser, positive_int
+
+    parser = OneLineParser(prog="python -m megatron_rlvr", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("train", cmd_train, "run RL training"),
                             ("eval", cmd_eval, "evaluate model.hf_dir on data.val_files"),
@@ -73,7 +125,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="the tiny CPU demo: prepare, warm-start, RL, plot")
     p.add_argument("--config", default="demo_top20", help="demo_top20 (default) or demo_full")
     p.add_argument("--out-dir", default="outputs/demo")
-    p.add_argument("--nproc", type=int, default=2, help="torchrun processes")
+    p.add_argument("--nproc", type=positive_int, default=2, help="torchrun processes")
     p.set_defaults(fn=cmd_demo)
     sub.add_parser("plan", help="memory and layout planner (see `plan --help`)")
     args = parser.parse_args(argv)
@@ -82,19 +134,19 @@ def main(argv=None) -> int:
 
 def _run_reporting_user_errors(fn, args) -> int:
     """A user's mistake (bad config, missing file, bad row, impossible layout) is one clear line."""
+    from megatron_rlvr import safety
     from megatron_rlvr.algos.dynamic_sampling import DynamicSamplingError
-    from megatron_rlvr.config import ConfigError
-    from megatron_rlvr.models.hf_checkpoint import CheckpointError
     from megatron_rlvr.trainer import TrainingAborted
 
     try:
         return fn(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, DynamicSamplingError,
-            TrainingAborted) as e:
-        if os.environ.get("MEGATRON_RLVR_DEBUG"):
+    except (ValueError, OSError, DynamicSamplingError, TrainingAborted) as e:
+        # ValueError covers ConfigError, CheckpointError, bad rows and undecodable bytes.
+        if os.environ.get(safety.DEBUG_ENV) or (isinstance(e, OSError)
+                                                and not safety.is_user_error(e)):
             raise
-        print(f"megatron_rlvr {args.command}: error: {e} (set MEGATRON_RLVR_DEBUG=1 for the "
-              "traceback)", file=sys.stderr, flush=True)
+        print(f"megatron_rlvr {args.command}: error: {safety.one_line(e)} (set "
+              f"{safety.DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
         return 2
 
 

@@ -34,14 +34,16 @@ class _Loader(yaml.SafeLoader):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    first = seen.get(key)
                 except TypeError:  # an unhashable key: SafeLoader reports it below
                     continue
-                if first != key_node.start_mark.line + 1:
+                if first is not None:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r} (first on line {first}, again on "
-                        f"line {key_node.start_mark.line + 1})", key_node.start_mark)
+                        f"line {line})", key_node.start_mark)
+                seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -124,8 +126,11 @@ class AlgorithmConfig:
                                        "gradient, chosen by entropy. 1.0 = full-token DAPO; "
                                        "0.2 = the paper's method. In (0, 1].")
     entropy_top_scope: Literal["micro_batch", "global"] = _f(
-        "micro_batch", "Where the top-rho threshold is taken: per micro-batch on each rank "
-                       "(the seed code) or over the whole mini-batch across ranks (the paper).")
+        "global", "Where the top-rho threshold is taken: over the whole mini-batch across ranks, "
+                  "loss = token-mean over the mini-batch (the paper); or per micro-batch on each "
+                  "rank, loss = the micro-batch's masked mean weighted by its sequences (the seed "
+                  "code; use micro-batches of ~16-32 responses as its token budgets hold). At "
+                  "rho = 1 both are DAPO's token-mean. See docs/method.md.")
     entropy_loss_norm: Literal["kept_tokens", "all_tokens"] = _f(
         "kept_tokens", "Loss denominator under entropy selection: the kept tokens (seed code) "
                        "or all response tokens.")

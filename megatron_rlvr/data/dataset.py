@@ -100,7 +100,8 @@ def _read_rows(path: str, prompt_key: str) -> list[dict[str, Any]]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a non-parquet file
-        raise ValueError(f"{path}: cannot read as parquet: {e}") from None
+        raise ValueError(f"{path}: cannot read as parquet: {' '.join(str(e).split())}") \
+            from None
     required = ["data_source", prompt_key, "reward_model"]
     missing = [c for c in required if c not in table.column_names]
     if missing:

@@ -16,6 +16,20 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, or does not match the model."""
 
 
+def _check_length(file: str) -> None:
+    """The file holds every byte its header lists (a truncated download has an intact header and
+    fails only when its last tensors are read, after the model is built)."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    size = os.path.getsize(file)
+    if size < 8 + header_len + end:
+        raise CheckpointError(f"{file}: truncated ({size} bytes, its header lists "
+                              f"{8 + header_len + end}); download it again")
+
+
 class HFCheckpoint:
     def __init__(self, path: str):
         self.path = path
@@ -48,6 +62,7 @@ class HFCheckpoint:
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise CheckpointError(f"{file}: cannot read safetensors header ({e}); "
                                       "is the file truncated or not a safetensors file?") from None
+            _check_length(file)
         return self._handles[file]
 
     def names(self) -> set[str]:
