@@ -50,6 +50,10 @@ _local = threading.local()
 # Ops that move data between host and device: legitimate with mixed inputs.
 _TRANSFER_OPS = {"aten::copy_", "aten::_to_copy", "aten::_copy_from",
                  "aten::_copy_from_and_resize", "aten::set_", "aten::lift_fresh"}
+# Ops that CUDA runs on all inputs alike, refusing even a host 0-dim tensor beside device ones
+# (`torch.stack([device_scalar, torch.tensor(1)])` fails on a GPU: "Expected all tensors to be on
+# the same device"); elementwise ops take host scalars, these do not.
+_NO_HOST_SCALAR_OPS = {"aten::stack", "aten::cat"}
 
 
 def enabled() -> bool:
@@ -154,7 +158,8 @@ class StrictDispatchMode(TorchDispatchMode):
             return out
         device_in = [is_device(t) for t in tensors]
         if any(device_in) and func_name not in _TRANSFER_OPS:
-            host = [t for t, d in zip(tensors, device_in) if not d and t.dim() > 0]
+            host = [t for t, d in zip(tensors, device_in)
+                    if not d and (t.dim() > 0 or func_name in _NO_HOST_SCALAR_OPS)]
             if host:
                 _fail(f"op {func_name}", tensors)
         # A result of an op on device tensors is on the device; so is a tensor that an op made
