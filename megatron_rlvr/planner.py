@@ -360,7 +360,9 @@ _BUILTIN = dict(tp=None, pp=1, cp=1, vllm_tp=1, prompt_len=2048, response_len=20
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from megatron_rlvr.safety import OneLineParser
+
+    p = OneLineParser(
         prog="python -m megatron_rlvr plan",
         description="Per-GPU memory of an RLVR run (Megatron policy + colocated vLLM) and the "
                     "layouts that fit. With --config, checks the layout, lengths and batch sizes "
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = json.load(f)
     except OSError as e:
         p.error(f"cannot read --hf-config {hf_config}: {e.strerror}")
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # bad JSON or undecodable bytes
         p.error(f"--hf-config {hf_config} is not valid JSON: {e}")
     try:
         shape = Shape.from_hf_config(cfg, hf_config)
