@@ -713,7 +713,8 @@ def driver(args) -> int:
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     sys.path.insert(0, str(ROOT))
     start = time.monotonic()
-    deadline = start + args.budget_s
+    deadline = start + (args.budget_s if args.budget_s is not None
+                        else 1800 if args.cpu else 450)
     own_workdir = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-smoke-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -769,8 +770,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-dir", help="worker logs with full tracebacks (default: <workdir>/logs)")
     p.add_argument("--out", help="also write the result lines to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir's models")
-    p.add_argument("--budget-s", type=float, default=450,
-                   help="stop starting checks after this many seconds (default 450)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting checks after this many seconds (default 450; 1800 with "
+                        "--cpu, where every process start costs more)")
     p.add_argument("--ckpt-model", choices=["0.6b", "tiny"], default="0.6b",
                    help="checkpoint checks on GPU: a Qwen3-0.6B-shaped model or the tiny one")
     p.add_argument("--vllm-dtype", default="float32", help="vLLM engine dtype for the vLLM check")
