@@ -188,12 +188,12 @@ def check_stored_tensors(ckpt_dir: str, info: dict) -> None:
     spec = info["spec"]
     for key, shape in _expected_global_shapes(spec, info["saved_layout"]["tp"]).items():
         if key not in stored:
-            raise CheckpointError(f"{ckpt_dir}: tensor {key} is not stored; the checkpoint does "
-                                  f"not hold {describe(spec)} ({HF_SUBDIR}/config.json)")
+            raise CheckpointError(f"{ckpt_dir}: its tensors do not fit its {HF_SUBDIR}/config.json "
+                                  f"({describe(spec)}): tensor {key} is not stored")
         if stored[key] != shape:
-            raise CheckpointError(f"{ckpt_dir}: tensor {key} is stored with shape "
-                                  f"{list(stored[key])}, but {HF_SUBDIR}/config.json "
-                                  f"({describe(spec)}) needs {list(shape)}")
+            raise CheckpointError(f"{ckpt_dir}: its tensors do not fit its {HF_SUBDIR}/config.json "
+                                  f"({describe(spec)}): tensor {key} is stored with shape "
+                                  f"{list(stored[key])}, the config needs {list(shape)}")
     ends: dict[str, int] = {}
     for item in storage:
         ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
