@@ -72,3 +72,32 @@ def test_sequence_length_multiple(tp, cp, sp, expected):
     s = 3 * m
     assert cp == 1 or s % (2 * cp) == 0
     assert not sp or (s // cp) % tp == 0
+
+
+COMPILE_UNDER_THE_CPU_LAYER = """
+import torch
+from megatron_rlvr import platform
+platform.setup()
+
+@torch.compile(dynamic=True)
+def count_greater(x, y):  # the shape of vLLM's sampler helper that first hit this
+    return (x > y).sum(-1)
+
+print("counts", count_greater(torch.arange(12.).view(3, 4), torch.full((3, 1), 1.5)).tolist())
+"""
+
+
+@pytest.mark.slow
+def test_torch_compile_works_under_the_cpu_layer():
+    """vLLM compiles its sampler inside the trainer's process, under the CPU layer's mode: the
+    mode must not call anything torch.compile cannot guard (a staticmethod through `self` broke
+    every colocated generate)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COMPILE_UNDER_THE_CPU_LAYER], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEGATRON_RLVR_STRICT_DEVICE": "0",
+                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "counts [2, 4, 4]" in proc.stdout

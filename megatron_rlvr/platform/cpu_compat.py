@@ -56,29 +56,32 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # A module-level function, not a method: torch.compile (vLLM's sampler) builds guards on
+        # what the mode calls and cannot for a staticmethod reached through `self`.
         if strict_device.enabled():
-            return strict_device.torch_function(func, args, kwargs, self._redirect)
-        return self._redirect(func, args, kwargs)
+            return strict_device.torch_function(func, args, kwargs, _redirect)
+        return _redirect(func, args, kwargs)
 
-    @staticmethod
-    def _redirect(func, args, kwargs):
-        if "device" in kwargs and _is_cuda(kwargs["device"]):
-            kwargs = {**kwargs, "device": _CPU}
-        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
-            # .cuda(): the tensor stays on the CPU. pin_memory(): pinning needs an accelerator.
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], _CPU, *args[2:])
-        if kwargs.get("pin_memory"):
-            kwargs = {**kwargs, "pin_memory": False}
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            # Megatron's optimizers accept only 'torch.cuda.*Tensor' type strings for parameters.
-            name = func(*args)
-            if name.startswith("torch.") and not name.startswith("torch.cuda.") \
-                    and _called_from_megatron_optimizer():
-                return "torch.cuda." + name[len("torch."):]
-            return name
-        return func(*args, **kwargs)
+
+def _redirect(func, args, kwargs):
+    """Call `func` with every CUDA device request turned into the CPU."""
+    if "device" in kwargs and _is_cuda(kwargs["device"]):
+        kwargs = {**kwargs, "device": _CPU}
+    if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+        # .cuda(): the tensor stays on the CPU. pin_memory(): pinning needs an accelerator.
+        return args[0]
+    if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+        args = (args[0], _CPU, *args[2:])
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
+    if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+        # Megatron's optimizers accept only 'torch.cuda.*Tensor' type strings for parameters.
+        name = func(*args)
+        if name.startswith("torch.") and not name.startswith("torch.cuda.") \
+                and _called_from_megatron_optimizer():
+            return "torch.cuda." + name[len("torch."):]
+        return name
+    return func(*args, **kwargs)
 
 
 def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
