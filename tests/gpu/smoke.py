@@ -35,6 +35,7 @@ import math
 import os
 import platform as pyplatform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -678,9 +679,18 @@ def run_group(group: str, args, deadline: float, log_dir: Path, emit) -> None:
         if args.cpu:  # a tensor left on the host fails here as on a GPU (platform/strict_device)
             strict = args.strict_device and group not in NOT_STRICT
             env["MEGATRON_RLVR_STRICT_DEVICE"] = "1" if strict else "0"
+        # Its own process group: a time-out kills the worker and any helper it started (those
+        # hold the output pipe open too).
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=ROOT, env=env)
-        timer = threading.Timer(limit, proc.kill)
+                                cwd=ROOT, env=env, start_new_session=True)
+
+        def kill():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(limit, kill)
         timer.start()
         try:
             for line in proc.stdout:
