@@ -162,8 +162,10 @@ _USER_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.ENO
 def is_user_error(e: BaseException) -> bool:
     if isinstance(e, ValueError):
         return True
-    return isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-                          IsADirectoryError)) or (isinstance(e, OSError) and e.errno in _USER_ERRNOS)
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                      IsADirectoryError)):
+        return True
+    return isinstance(e, OSError) and e.errno in _USER_ERRNOS
 
 
 def one_line(e: BaseException) -> str:
