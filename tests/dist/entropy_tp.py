@@ -3,7 +3,8 @@
 Run under torchrun (the platform's backend: gloo on CPU, in strict device mode there). Every rank
 builds the same full-vocabulary inputs on the host, computes the reference there, moves its shard to
 platform.device() and checks its outputs and its shard of the gradients (compared on the host).
-TP groups: the whole world, and with 4 processes also two groups of 2 (ranks inside a group are not the global ranks).
+TP groups: the whole world, and with 4 processes also two groups of 2 (ranks inside a group are
+not the global ranks).
 """
 import sys
 from pathlib import Path

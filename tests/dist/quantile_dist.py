@@ -1,6 +1,7 @@
 """Distributed checks of megatron_rlvr.ops.quantile against a gathered torch.topk / stable-sort
-reference. Run under torchrun (gloo) with 4 processes, and with 2 for the rank-count check;
-asserts on every rank and exits non-zero on failure.
+reference. Run under torchrun (the platform's backend; on CPU in strict device mode) with 4
+processes, and with 2 for the rank-count check; asserts on every rank and exits non-zero on failure.
+The op runs on platform.device(); the reference is computed on the host from gathered host copies.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_rlvr import platform
 from megatron_rlvr.ops.quantile import kth_largest, top_ratio_mask
 
 RATIOS = (0.0, 0.2, 1.0, 1e-9)  # 1e-9 gives k = 1
@@ -19,7 +21,8 @@ def expected_k(ratio: float, n: int) -> int:
 
 
 def global_case(name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same [rows, cols] entropies and response mask on every rank (fixed seed)."""
+    """The same [rows, cols] entropies and response mask on every rank (fixed seed), drawn on the
+    host and returned on the device."""
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     mask = torch.rand(rows, cols, generator=g) < 0.8
     if name == "random":
@@ -37,7 +40,7 @@ def global_case(name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Te
                               torch.randn(rows, cols, generator=g) * 1e-39, 0.0)
     else:
         raise ValueError(name)
-    return values, mask
+    return values.to(platform.device()), mask.to(platform.device())
 
 
 def split_rows(t: torch.Tensor, sizes: list[int], index: int) -> torch.Tensor:
@@ -45,9 +48,10 @@ def split_rows(t: torch.Tensor, sizes: list[int], index: int) -> torch.Tensor:
 
 
 def gathered(t: torch.Tensor, group) -> torch.Tensor:
-    """Every member's tensor, flattened, concatenated in group-rank order."""
+    """Every member's tensor, flattened, concatenated in group-rank order, on the host (a pickled
+    device tensor would come back on its sender's device)."""
     parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, t.flatten(), group=group)
+    dist.all_gather_object(parts, t.flatten().cpu(), group=group)
     return torch.cat(parts)
 
 
@@ -73,7 +77,7 @@ def check_against_gathered(name: str, values, mask, group) -> None:
         offsets[i + 1] = offsets[i] + c
     mine = slice(offsets[me], offsets[me + 1])
     for k in sorted({1, max(1, n // 5), n}):
-        ours = kth_largest(values, mask, k, group=group)
+        ours = kth_largest(values, mask, k, group=group).cpu()
         ref = torch.topk(masked, k).values[-1]
         assert ours.dtype == torch.float32 and ours.shape == ()
         assert ours.view(torch.int32) == (ref + 0.0).view(torch.int32), \
@@ -83,7 +87,8 @@ def check_against_gathered(name: str, values, mask, group) -> None:
             k = expected_k(ratio, n)
             ours = top_ratio_mask(values, mask, ratio, group=group, largest=largest)
             assert ours.shape == values.shape and ours.dtype == torch.bool
-            selected = torch.tensor([int(ours.sum())])
+            selected = ours.sum().view(1)
+            ours = ours.cpu()
             dist.all_reduce(selected, group=group)
             assert selected.item() == k, f"{name} ratio={ratio}: selected {selected.item()} != {k}"
             ref = reference_mask(all_values, all_mask, k, largest)[mine].view(values.shape)
@@ -93,7 +98,9 @@ def check_against_gathered(name: str, values, mask, group) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    platform.setup()  # on CPU in strict mode: "cuda" is a device apart from the host
+    dist.init_process_group(platform.backend())
+    dev = platform.device()
     world, rank = dist.get_world_size(), dist.get_rank()
     world_group = dist.group.WORLD
     cases = ("random", "heavy_ties", "quantized", "negative_subnormal")
@@ -129,7 +136,8 @@ def main() -> None:
             check_against_gathered("heavy_ties/subgroup", values[mine], mask[mine], sub)
 
         # No masked token anywhere: nothing selected; a k-th value does not exist.
-        values, mask = torch.randn(6, 5), torch.zeros(6, 5, dtype=torch.bool)
+        values = torch.randn(6, 5, device=dev)
+        mask = torch.zeros(6, 5, dtype=torch.bool, device=dev)
         assert not top_ratio_mask(values, mask, 0.2, group=world_group).any()
         try:
             kth_largest(values, mask, 1, group=world_group)
@@ -138,7 +146,7 @@ def main() -> None:
             assert "out of range" in str(e) and "holds 0 masked values" in str(e), e
 
         # A NaN on one rank only: every rank raises (none is left waiting in a collective).
-        values, mask = torch.rand(50), torch.ones(50, dtype=torch.bool)
+        values, mask = torch.rand(50, device=dev), torch.ones(50, dtype=torch.bool, device=dev)
         if rank == 2:
             values[7] = float("nan")
         for fn in (lambda: top_ratio_mask(values, mask, 0.2, group=world_group),
@@ -150,7 +158,7 @@ def main() -> None:
                 assert "1 masked value(s) across the group are NaN or inf" in str(e), e
                 assert ("first at flattened index 7" in str(e)) == (rank == 2), e
         # The group is still usable afterwards: 20% of 4 x 50 tokens.
-        selected = top_ratio_mask(torch.rand(50), mask, 0.2, group=world_group).sum().view(1)
+        selected = top_ratio_mask(torch.rand(50, device=dev), mask, 0.2, group=world_group).sum().view(1)
         dist.all_reduce(selected)
         assert selected.item() == 40, selected
 
