@@ -198,8 +198,8 @@ def trainer_save(args) -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nper-rank peak RSS (GiB); allowance = own optimizer shard + one bucket "
-          f"(target: save - step <= allowance)")
+    print("\nper-rank peak RSS (GiB); allowance = own optimizer shard + one bucket "
+          "(target: save - step <= allowance)")
     print(f"{'save':<9}{'rank':>5}{'params M':>9}{'step':>7}{'save':>7}{'save-step':>10}"
           f"{'shard':>7}{'bucket':>7}{'(save-step)/allow':>18}{'step s':>8}{'save s':>8}")
     for mode, rows in results.items():

@@ -282,12 +282,13 @@ def _optimizer_sharded_state(optimizer, model_state, *, is_loading: bool, metada
             del opt.sharded_param_state_fully_reshardable
 
 
-def _dp_owner_replica_id(replica_id, sharded) -> tuple:
+def _is_dp_replica_triple(replica_id) -> bool:
+    return isinstance(replica_id, tuple) and len(replica_id) == 3
+
+
+def _dp_owner_replica_id(replica_id) -> tuple:
     """The model parameter's replica id with its data-parallel component (the last one, by
     Megatron's convention `(copy, tp replica, dp_cp rank)`) made main: this rank writes it."""
-    if not (isinstance(replica_id, tuple) and len(replica_id) == 3):
-        raise NotImplementedError(f"{sharded.key}: replica id {replica_id!r} is not Megatron's "
-                                  "(copy, tp, dp) triple; cannot save its optimizer state")
     return (*replica_id[:-1], 0)
 
 
@@ -336,8 +337,11 @@ def _param_state_by_owner(opt, model_sharded_state_dict, metadata):
             owner = max(pieces, key=lambda r: (pieces[r][1] - pieces[r][0], -r))
             plan.append((param_idx, model_param, sharded, owner, pieces))
             param_idx += 1
-    for *_, sharded, _, _ in plan:
-        _dp_owner_replica_id(sharded.replica_id, sharded)  # fail before any transfer
+    if not all(_is_dp_replica_triple(sharded.replica_id) for _, _, sharded, _, _ in plan):
+        # Not Megatron's (copy, tp, dp) convention (not met in our dense models): its own save.
+        # Decided before any transfer, alike on every DP rank (the replica ids' shape is).
+        return type(opt).sharded_param_state_fully_reshardable(
+            opt, model_sharded_state_dict, False, metadata)
 
     state = {}
     for param_idx, model_param, sharded, owner, pieces in plan:
@@ -362,7 +366,7 @@ def _param_state_by_owner(opt, model_sharded_state_dict, metadata):
                 dist.send(own.contiguous().view(-1), dst=global_ranks[owner], group=group)
         if dp_rank != owner:
             continue
-        replica_id = _dp_owner_replica_id(sharded.replica_id, sharded)
+        replica_id = _dp_owner_replica_id(sharded.replica_id)
         tensors = {}
         for key, t in flat.items():
             assert t.numel() == model_param.numel(), (sharded.key, key, t.numel())
