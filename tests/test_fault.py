@@ -26,7 +26,8 @@ SLACK_S = watchdog.heartbeat_interval(TIMEOUT_S) + 10
 def _run(mode: str) -> tuple[int, str, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
            str(SCRIPT), mode, "--culprit=1", f"--timeout-s={TIMEOUT_S}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "MEGATRON_RLVR_STRICT_DEVICE": "1"}  # as tests/torchrun.py: "cuda" apart from the host
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     end = time.time()
     return proc.returncode, proc.stdout + proc.stderr, end

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_rlvr import watchdog
+from megatron_rlvr import platform, watchdog
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
 
 p = argparse.ArgumentParser()
@@ -33,7 +33,7 @@ def say(line: str) -> None:
 init_distributed(1, 1, 1, timeout_s=args.timeout_s, watchdog=True)
 rank, world = dist.get_rank(), dist.get_world_size()
 say(f"PID rank={rank} pid={os.getpid()}")
-x = torch.zeros(8)
+x = torch.zeros(8, device=platform.device())  # training groups reduce device tensors (NCCL)
 for i in range(10 ** 9):
     if i == 20 and args.mode == "finish":
         destroy_distributed()
