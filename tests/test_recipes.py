@@ -168,6 +168,9 @@ def test_planner_counts_equal_megatron_meta_models():
         ("llama-3.1-70b.json", 8, 2))]
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "planner_meta_params.py"),
                            *cases], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          # strict device mode: the meta build must not take the device path
+                          # (an explicit device= overrides the meta context; models/builder.py)
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "MEGATRON_RLVR_STRICT_DEVICE": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count("OK ") == 1 + 2 + 1 + 4 + 2 + 2 + 2   # one line per stage

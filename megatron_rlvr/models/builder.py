@@ -53,7 +53,10 @@ def transformer_config(spec: ModelSpec, *, tp: int = 1, pp: int = 1, cp: int = 1
         # grad norm and the checkpoint sharding rely on.
         perform_initialization=True,
         # Parameters are created where they compute: on the host only when the device is the host.
-        use_cpu_initialization=platform.host_device(),
+        # A meta build (`with torch.device("meta")`: counting parameters, no memory) takes the
+        # host path too: the device path names the device explicitly, which overrides the meta
+        # context (real allocation) and needs the CUDA RNG tracker seeded.
+        use_cpu_initialization=platform.host_device() or torch.get_default_device().type == "meta",
         # Per-token loss accounting: our loss functions return (numerator, denominator) and
         # finalize_model_grads divides once by the global denominator (see models/train_step.py).
         calculate_per_token_loss=True,
@@ -113,6 +116,6 @@ def build_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, recomput
         rope_scaling=spec.rope_scaling_factor is not None,
         rope_scaling_factor=spec.rope_scaling_factor or 8.0,
     )
-    if not platform.host_device():
+    if not platform.host_device() and torch.get_default_device().type != "meta":
         model.to(platform.device())  # a no-op for what Megatron already made on the device
     return model
