@@ -14,13 +14,17 @@ import torch
 import torch.distributed as dist
 from hf_reference import hf_greedy
 
+from megatron_rlvr import platform
 from megatron_rlvr.models.tiny import save_tiny_model
 from megatron_rlvr.rollout import SamplingParams, VLLMEngine, VLLMEngineConfig
 
 
 def main():
     workdir, vllm_tp = Path(sys.argv[1]), int(sys.argv[2])
-    dist.init_process_group("gloo")  # as the trainer does before building the engine
+    # As the trainer does before building the engine (init_distributed): the platform layer (on
+    # CPU under torchrun, strict device mode), then the platform's backend (NCCL on a GPU).
+    platform.setup()
+    dist.init_process_group(platform.backend())
     rank = dist.get_rank()
     paths = {k: str(workdir / k) for k in "AB"}
     if rank == 0:
