@@ -38,15 +38,18 @@ def last_stage_logits(model, spec, tokens):
 
 
 def check_parity(model, spec, hf_dir, tokens, label):
+    """`tokens` on the host: the model gets a device copy, transformers (host) the tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from megatron.core import parallel_state as ps
+    from megatron_rlvr import platform
 
-    logits = last_stage_logits(model, spec, tokens)
+    logits = last_stage_logits(model, spec, tokens.to(platform.device()))
     if logits is None or ps.get_tensor_model_parallel_rank() or ps.get_data_parallel_rank() \
             or ps.get_context_parallel_rank():
         return  # one rank of the last stage checks
+    logits = logits.cpu()
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         ref_logits = ref(input_ids=tokens).logits.double()
@@ -86,9 +89,13 @@ def ce_loss(mb, logits):
 
 
 def micro_batches(tokens):
+    """This DP rank's micro-batches of the host `tokens`, on the device."""
     import torch
     from megatron.core import parallel_state
 
+    from megatron_rlvr import platform
+
+    tokens = tokens.to(platform.device())
     labels = torch.roll(tokens, -1, dims=1)
     mask = torch.ones_like(tokens, dtype=torch.float32)
     mask[:, -1] = 0
