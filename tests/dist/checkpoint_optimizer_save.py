@@ -26,7 +26,7 @@ def ce_loss(mb, logits):
     losses = tensor_parallel.vocab_parallel_cross_entropy(
         logits.float().transpose(0, 1).contiguous(), mb["labels"].transpose(0, 1).contiguous())
     num = losses.sum()
-    den = torch.tensor(losses.numel(), dtype=torch.int)
+    den = torch.tensor(losses.numel(), dtype=torch.int, device=num.device)  # stacked with num
     return num, den, {"numerator": num.detach(), "denominator": den}
 
 
@@ -161,7 +161,7 @@ def main():
     # Any other key the checkpoint lacks is still an error.
     other = build_model(spec)
     other.decoder.final_layernorm.register_parameter(
-        "bias", torch.nn.Parameter(torch.zeros(spec.hidden_size)))
+        "bias", torch.nn.Parameter(torch.zeros(spec.hidden_size, device=dev)))
     try:
         load_checkpoint(f"{W}/local", [other], spec=spec)
         raise AssertionError("loaded a checkpoint that lacks a tensor")
