@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.core import parallel_state
 
+    from megatron_rlvr import platform
     from megatron_rlvr.models.builder import DTYPES, build_model
     from megatron_rlvr.models.convert import load_hf_weights
     from megatron_rlvr.models.pipeline import cp_gather, gather_vocab, run_micro_batches
@@ -83,17 +84,18 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, spec.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+    device_tokens = tokens.to(platform.device())  # the model's input; the reference's stays here
 
     def keep_logits(mb, logits):
         return logits.float()
 
     with torch.no_grad():
-        out = run_micro_batches([model], [{"input_ids": tokens}], keep_logits,
+        out = run_micro_batches([model], [{"input_ids": device_tokens}], keep_logits,
                                 vocab_size=spec.vocab_size, forward_only=True)
     # The check runs on one rank of the last pipeline stage; the others learn the verdict.
     result = [None]
     if parallel_state.is_pipeline_last_stage():
-        logits = cp_gather(gather_vocab(out[0], spec.vocab_size), dim=1)
+        logits = cp_gather(gather_vocab(out[0], spec.vocab_size), dim=1).cpu()
         checker = (parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_context_parallel_rank() == 0
                    and parallel_state.get_data_parallel_rank() == 0)

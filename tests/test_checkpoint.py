@@ -384,10 +384,8 @@ def test_optimizer_save_without_gather_and_extra_state_tolerance(tmp_path):
     while any other missing key is still refused."""
     hf = str(tmp_path / "hf")
     save_tiny_model(hf, "qwen3", tie=True, with_tokenizer=False)
-    # Strict device mode off: today its guard fails inside every dist_checkpointing save (it asks
-    # `is_meta` of torch's multi-shard ShardedTensor, which raises), whatever this test does.
     log = torchrun(ROOT / "tests/dist/checkpoint_optimizer_save.py", 2, "--work",
-                   str(tmp_path), "--hf", hf, env={"MEGATRON_RLVR_STRICT_DEVICE": "0"})
+                   str(tmp_path), "--hf", hf)
     assert "equal to Megatron's gathered save; 1 split parameters" in log, log[-3000:]
     assert "resume from the per-owner save: step equal" in log
     assert "TE-only _extra_state keys tolerated both ways" in log

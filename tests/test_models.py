@@ -3,6 +3,7 @@
 The multi-process checks run tests/dist/model_checks.py under torchrun (gloo, 4 CPU processes).
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -64,7 +65,9 @@ def test_layouts_match_transformers_and_tp1(tp, pp, cp, tiny_models, tp1_result,
 
 def test_verify_cli_pass_and_fail(tiny_models):
     cmd = [sys.executable, "-m", "checkpoint_tools.verify", "--hf-dir", tiny_models[2]]
-    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # strict device mode: the model's input on the device, the transformers reference on the host
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                        env={**os.environ, "MEGATRON_RLVR_STRICT_DEVICE": "1"})
     last = ok.stdout.strip().splitlines()[-1]
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert last.startswith("verify: logits max_abs_diff=") and last.endswith("tol=0.0001 PASS")

@@ -2,6 +2,10 @@
 
 Multi-process tests are written as plain scripts (tests/dist/*.py) that assert on every rank and
 exit non-zero on failure; the pytest side only launches them. A timeout turns a hang into a failure.
+
+Every run is in strict device mode (megatron_rlvr/platform/strict_device.py): "cuda" is a device
+apart from the host, so a tensor that a GPU run would find on the wrong device fails here too.
+Pass env={"MEGATRON_RLVR_STRICT_DEVICE": "0"} to turn it off.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ def torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 600,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
+                "PYTHONUNBUFFERED": "1", "MEGATRON_RLVR_STRICT_DEVICE": "1", **(env or {})}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                               cwd=ROOT)

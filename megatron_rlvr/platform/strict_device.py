@@ -71,11 +71,15 @@ def suspended():
 
 
 def _storage_key(t: torch.Tensor):
-    if not isinstance(t, torch.Tensor) or t.is_meta or t.layout != torch.strided:
+    """The identity of `t`'s storage, or None for what has no single plain storage (meta,
+    sparse, and tensor subclasses such as torch_dist's ShardedTensor, whose attributes raise)."""
+    if not isinstance(t, torch.Tensor):
         return None
     try:
+        if t.is_meta or t.layout != torch.strided:
+            return None
         return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
         return None
 
 
