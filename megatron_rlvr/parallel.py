@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +48,6 @@ def derive_layout(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> Lay
     return Layout(tp=tp, pp=pp, cp=cp, dp=world_size // model_parallel)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
                      timeout_s: float = 600.0, watchdog: bool = False) -> Layout:
     """Initialise torch.distributed from torchrun's env vars (or as a single process) and
@@ -71,13 +64,16 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 0,
     backend_timeout = stall_watchdog.backend_timeout_s(timeout_s) if watchdog else timeout_s
     layout = derive_layout(world_size, tp, pp, cp)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain `python` run: a one-process group
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if platform.has_cuda():
             torch.cuda.set_device(platform.device())
-        dist.init_process_group(backend=platform.backend(),
-                                timeout=datetime.timedelta(seconds=backend_timeout))
+        timeout = datetime.timedelta(seconds=backend_timeout)
+        if "MASTER_ADDR" not in os.environ:
+            # A plain `python` run: a one-process group on an in-memory store. No port and no
+            # environment variables, which child processes would inherit and collide on.
+            dist.init_process_group(backend=platform.backend(), store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=platform.backend(), timeout=timeout)
     global _HOST_GROUP
     if _HOST_GROUP is None:
         # Object collectives (pickled Python data) go over gloo on the host: over NCCL they
