@@ -45,15 +45,21 @@ def last_boxed(text: str) -> str | None:
         # e.g. "\\boxedfoo": not a box command, look further back
     else:
         return None
+    return balanced_group(text, i)
+
+
+def balanced_group(text: str, open_at: int) -> str | None:
+    """The text inside the braces that open at `open_at` and close at their match (None if they
+    never close)."""
     depth = 0
-    for j in range(i, len(text)):
+    for j in range(open_at, len(text)):
         ch = text[j]
         if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[open_at + 1:j]
     return None
 
 

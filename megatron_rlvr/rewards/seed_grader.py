@@ -44,6 +44,8 @@ import ast
 import math
 import re
 
+from megatron_rlvr.rewards.math import balanced_group
+
 MAX_TEXT_CHARS = 1000
 
 # --------------------------------------------------------------------------------------------
@@ -55,16 +57,8 @@ def _first_group_after(text: str, start: int) -> str | None:
     open_at = text.find("{", start)
     if open_at < 0:
         return None
-    depth = 0
-    for j in range(open_at, len(text)):
-        ch = text[j]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1:j].strip()
-    return None
+    group = balanced_group(text, open_at)
+    return None if group is None else group.strip()
 
 
 def seed_extract(response: str) -> str | None:
