@@ -106,6 +106,33 @@ class RolloutConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """`algorithm.rollout_correction`: train/inference mismatch correction (TIS / MIS).
+
+    The rollout engine (vLLM) samples with its own numerics and, off-policy, with older weights;
+    the importance weight w = exp(logp_old - logp_rollout) corrects the policy gradient for it
+    (`algos/rollout_correction.py`, docs/method.md)."""
+    enabled: bool | Literal["auto"] = _f(
+        "auto", "Apply the correction: true, false, or auto = on when rollouts are off-policy "
+                "(stale weights or a disaggregated engine), off for colocated synchronous "
+                "rollouts. Off = no weights and no mask are applied.")
+    level: Literal["token", "sequence", "geometric"] = _f(
+        "token", "Where the weight is taken: per token (w_t); per sequence (the product of its "
+                 "tokens' w_t, the exact sequence likelihood ratio); or per sequence as the "
+                 "geometric mean of its w_t (length-independent; wants a cap near 1, e.g. 1.01).")
+    method: Literal["truncate", "mask"] = _f(
+        "truncate", "truncate = TIS: weight min(w, cap), every token trains. mask = MIS: tokens "
+                    "(or whole sequences) with w outside [1/cap, cap] leave the loss, numerator "
+                    "and denominator; the rest keep weight w.")
+    cap: float = _f(2.0, "C: the truncation cap (TIS) or the bounds [1/C, C] (MIS). > 1.")
+
+    def active(self, off_policy: bool) -> bool:
+        """Whether the correction applies: `enabled`, with auto resolved by `off_policy` (True
+        when rollouts may come from other weights than the old policy's)."""
+        return off_policy if self.enabled == "auto" else bool(self.enabled)
+
+
+@dataclass
 class AlgorithmConfig:
     clip_ratio_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_ratio_low.")
     clip_ratio_high: float = _f(0.28, "PPO clip-higher: ratio upper bound is 1 + clip_ratio_high.")
@@ -137,6 +164,11 @@ class AlgorithmConfig:
     entropy_select: Literal["top", "bottom", "random"] = _f(
         "top", "Which tokens are kept: highest entropy (the method), lowest entropy, or a "
                "random rho fraction (the paper's ablations).")
+    rollout_correction: RolloutCorrectionConfig = field(
+        default_factory=RolloutCorrectionConfig,
+        metadata={"help": "Train/inference mismatch correction between vLLM's and the old "
+                          "policy's log-probs (TIS/MIS); fields below, overridden as "
+                          "algorithm.rollout_correction.FIELD=value."})
 
 
 @dataclass
@@ -274,13 +306,17 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
                               f"got {type(loaded).__name__}")
         raw = loaded or {}
     for ov in overrides:
-        section, name, value = _parse_override(ov)
-        sect = raw.get(section)
-        if sect is None:
-            sect = raw[section] = {}
-        if not isinstance(sect, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {type(sect).__name__}")
-        sect[name] = value
+        parts, value = _parse_override(ov)
+        node = raw
+        for depth, key in enumerate(parts[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[:depth + 1])}: expected a mapping, "
+                                  f"got {type(child).__name__}")
+            node = child
+        node[parts[-1]] = value
     cfg = _build(raw, source=path or "<overrides>")
     # Fill in derived defaults, so the trainer and the saved config see plain numbers.
     if cfg.trainer.gen_batch_size is None:
@@ -291,19 +327,40 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
-def _parse_override(text: str) -> tuple[str, str, Any]:
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.field=value`, or `section.group.field=value` where `group` is a field holding a
+    nested dataclass (e.g. algorithm.rollout_correction.cap=3): the key path and the value."""
     key, sep, value = text.partition("=")
     key = key.strip()
     parts = key.split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"bad override {text!r}: expected section.field=value, "
                           f"e.g. trainer.lr=1e-6")
+    if len(parts) > 2:  # every inner name must be a group of fields
+        cls = _field_types(Config).get(parts[0])
+        for depth, name in enumerate(parts[1:-1], start=1):
+            inner = _field_types(cls).get(name) if _is_group(cls) else None
+            if not _is_group(inner):
+                raise ConfigError(
+                    f"bad override {text!r}: {'.'.join(parts[:depth + 1])} is not a group of "
+                    f"fields; expected section.field=value (e.g. trainer.lr=1e-6) or "
+                    f"section.group.field=value (e.g. algorithm.rollout_correction.cap=3)")
+            cls = inner
     try:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"bad override {text!r}: value is not valid YAML "
                           f"({' '.join(str(e).split())})") from None
-    return parts[0], parts[1], parsed
+    return parts, parsed
+
+
+def _is_group(tp: Any) -> bool:
+    """A nested dataclass type (a section, or a group of fields inside one)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls) if _is_group(cls) else {}
 
 
 def _suggest(name: str, valid: list[str]) -> str:
@@ -318,21 +375,24 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         if sname not in sections:
             raise ConfigError(f"{source}: unknown section {sname!r}"
                               f"{_suggest(str(sname), list(sections))}")
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{sname}: expected a mapping of fields, got {type(values).__name__}")
-        cls = sections[sname].default_factory
-        hints = typing.get_type_hints(cls)
-        fields = [f.name for f in dataclasses.fields(cls)]
-        checked = {}
-        for fname, value in values.items():
-            if fname not in hints:
-                raise ConfigError(f"unknown field {sname}.{fname}"
-                                  f"{_suggest(str(fname), fields)}")
-            checked[fname] = _check_type(f"{sname}.{fname}", value, hints[fname])
-        kwargs[sname] = cls(**checked)
+        kwargs[sname] = _build_group(sname, sections[sname].default_factory, values)
     return Config(**kwargs)
+
+
+def _build_group(path: str, cls: Any, values: Any) -> Any:
+    """A section's (or nested group's) dataclass from its mapping; `path` is its dotted name."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for fname, value in values.items():
+        if fname not in hints:
+            raise ConfigError(f"unknown field {path}.{fname}{_suggest(str(fname), fields)}")
+        checked[fname] = _check_type(f"{path}.{fname}", value, hints[fname])
+    return cls(**checked)
 
 
 def _type_name(tp: Any) -> str:
@@ -349,6 +409,8 @@ def _type_name(tp: Any) -> str:
 
 def _check_type(path: str, value: Any, tp: Any) -> Any:
     """Return `value` coerced to `tp` where lossless (int -> float, str -> [str]), else raise."""
+    if _is_group(tp):
+        return value if isinstance(value, tp) else _build_group(path, tp, value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -466,6 +528,10 @@ def validate(cfg: Config) -> None:
     positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
     positive("trainer.collective_timeout_s", t.collective_timeout_s)
 
+    rc = a.rollout_correction
+    need(rc.cap > 1, f"algorithm.rollout_correction.cap must be > 1 (the weights' bounds are "
+                     f"[1/cap, cap]), got {rc.cap}")
+
     need(bool(cfg.data.train_files), "data.train_files is required (a list of parquet paths)")
     need(bool(cfg.data.prompt_key), "data.prompt_key must not be empty")
 
@@ -529,16 +595,24 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def describe_config() -> str:
     """Every field with its type, default and documentation, section by section."""
-    lines = []
-    for sect in dataclasses.fields(Config):
-        cls = sect.default_factory
+    lines: list[str] = []
+
+    def group(cls: Any, indent: str) -> None:
         hints = typing.get_type_hints(cls)
-        lines.append(f"{sect.name}:")
         for f in dataclasses.fields(cls):
+            if _is_group(hints[f.name]):  # a nested group: its doc, then its fields indented
+                lines.append(f"{indent}{f.name}: group (fields below)")
+                lines.append(f"{indent}    {f.metadata['help']}")
+                group(hints[f.name], indent + "  ")
+                continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
                 else f.default
             default_text = yaml.safe_dump(default, default_flow_style=True).strip()
             default_text = default_text.removesuffix("\n...").removesuffix(" ...")
-            lines.append(f"  {f.name}: {_type_name(hints[f.name])} = {default_text}")
-            lines.append(f"      {f.metadata['help']}")
+            lines.append(f"{indent}{f.name}: {_type_name(hints[f.name])} = {default_text}")
+            lines.append(f"{indent}    {f.metadata['help']}")
+
+    for sect in dataclasses.fields(Config):
+        lines.append(f"{sect.name}:")
+        group(sect.default_factory, "  ")
     return "\n".join(lines)
