@@ -96,7 +96,8 @@ def test_token_mask():
                       [[1, 0, 0], [1, 1, 1], [0, 0]])
     _check(out, w, keep, clipped=0, masked=4)
     f = rc.finalize_metrics(out.metrics)
-    assert f["rollout_corr/weight_mean"] == pytest.approx((E(0.1) + E(-0.05) + E(0.02) + E(0.3)) / 4)
+    kept = E(0.1) + E(-0.05) + E(0.02) + E(0.3)
+    assert f["rollout_corr/weight_mean"] == pytest.approx(kept / 4)
     assert f["rollout_corr/masked_fraction"] == 4 / 8
 
 
@@ -178,16 +179,21 @@ def test_packed_equals_padded(level, method):
     cap = {"token": 2.0, "sequence": 1.25, "geometric": 1.08}[level]
     padded = rc.compute_rollout_correction(*_inputs(), level=level, method=method, cap=cap)
     old, roll, mask, cu, pieces = _packed()
-    ids = rc.seq_ids_from_cu_seqlens(cu, 11)
+    ids = rc.seq_index_from_cu_seqlens(cu, 11)
     assert ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]  # pad positions: one past the last
     packed = rc.compute_rollout_correction(old, roll, mask, level=level, method=method, cap=cap,
-                                           seq_ids=ids.view(1, -1), num_seqs=3)
+                                           seq_index=ids.view(1, -1), num_seqs=3)
     for name in ("weights", "mask"):
         a, b = getattr(padded, name), getattr(packed, name)
         expect = torch.cat([a[i, s] for i, s in pieces] + [b.new_zeros(2)])
         assert torch.equal(b[0], expect), name
     for k in rc.METRIC_KEYS:
         assert packed.metrics[k].item() == pytest.approx(padded.metrics[k].item(), rel=1e-12)
+    # whatever the ids of positions outside the mask (batch.py gives trailing padding id 0)
+    ids[9:] = 0
+    again = rc.compute_rollout_correction(old, roll, mask, level=level, method=method, cap=cap,
+                                          seq_index=ids.view(1, -1), num_seqs=3)
+    assert torch.equal(again.weights, packed.weights) and torch.equal(again.mask, packed.mask)
 
 
 class _FakeCPDist:
@@ -195,7 +201,7 @@ class _FakeCPDist:
 
     def __init__(self, size):
         self.size, self.slots = size, {}
-        self.barrier = threading.Barrier(size)
+        self.barrier = threading.Barrier(size, timeout=10)  # a failed peer: no hang
         self.calls = 0
 
     def get_world_size(self, group):
@@ -210,24 +216,33 @@ class _FakeCPDist:
         self.calls += 1
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("level", ["sequence", "geometric"])
-def test_context_parallel_split_matches_whole(level, monkeypatch):
-    """Each sequence's tokens split over 2 CP ranks (padded rows by column, as cp_slice does):
-    each rank's weights equal the whole micro-batch's at its positions; metrics add up."""
+def test_context_parallel_split_matches_whole(level, layout, monkeypatch):
+    """Each sequence's tokens split over 2 CP ranks (by position, as the CP slicing does): each
+    rank's weights equal the whole micro-batch's at its positions; metrics add up."""
     fake = _FakeCPDist(2)
     monkeypatch.setattr(rc, "dist", fake)
     cap = 1.25 if level == "sequence" else 1.08
-    old, roll, mask = _inputs()
-    whole = rc.compute_rollout_correction(old, roll, mask, level=level, method="mask", cap=cap)
-    cols = [[0, 1, 4], [2, 3]]   # rank 0 / rank 1 positions of every row
+    if layout == "padded":
+        old, roll, mask = _inputs()
+        ids, n, cols = None, None, [[0, 1, 4], [2, 3]]   # rank 0 / rank 1 positions of each row
+    else:
+        old, roll, mask, cu, _ = _packed()
+        ids, n, cols = rc.seq_index_from_cu_seqlens(cu, 11).view(1, -1), 3, \
+            [[0, 1, 2, 7, 8, 9], [3, 4, 5, 6, 10]]
+    whole = rc.compute_rollout_correction(old, roll, mask, level=level, method="mask", cap=cap,
+                                          seq_index=ids, num_seqs=n)
+    assert whole.metrics["corr_masked_count"].item() == 3   # sequence 1 dropped
     results = [None, None]
 
     def rank(r):
         c = cols[r]
-        results[r] = rc.compute_rollout_correction(old[:, c], roll[:, c], mask[:, c], level=level,
-                                                   method="mask", cap=cap, cp_group=object())
+        results[r] = rc.compute_rollout_correction(
+            old[:, c], roll[:, c], mask[:, c], level=level, method="mask", cap=cap,
+            seq_index=None if ids is None else ids[:, c], num_seqs=n, cp_group=object())
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
@@ -255,9 +270,9 @@ def test_stays_on_the_device_without_host_syncs(level):
     data-dependent shapes; all outputs are on the inputs' device."""
     old, roll, mask, cu, _ = _packed()
     dev = torch.device("meta")
-    ids = rc.seq_ids_from_cu_seqlens(cu.to(dev), 11).view(1, -1)
+    ids = rc.seq_index_from_cu_seqlens(cu.to(dev), 11).view(1, -1)
     out = rc.compute_rollout_correction(old.to(dev), roll.to(dev), mask.to(dev), level=level,
-                                        method="mask", seq_ids=ids, num_seqs=3)
+                                        method="mask", seq_index=ids, num_seqs=3)
     tensors = [out.weights, out.mask, *out.metrics.values()]
     if level != "token":
         tensors += [out.seq_weights, out.seq_kept]
@@ -292,16 +307,16 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="must have the same shape"):
         rc.compute_rollout_correction(old, roll[:, :4], mask)
     flat = [t.reshape(-1) for t in (old, roll, mask)]
-    with pytest.raises(ValueError, match="needs seq_ids and num_seqs"):
+    with pytest.raises(ValueError, match="needs seq_index and num_seqs"):
         rc.compute_rollout_correction(*flat, level="sequence")
     rc.compute_rollout_correction(*flat, level="token")            # token level: no ids needed
     ids = torch.zeros(15, dtype=torch.long)
     with pytest.raises(ValueError, match="needs num_seqs >= 1"):
-        rc.compute_rollout_correction(*flat, level="sequence", seq_ids=ids)
+        rc.compute_rollout_correction(*flat, level="sequence", seq_index=ids)
     with pytest.raises(ValueError, match="must be an integer tensor"):
-        rc.compute_rollout_correction(*flat, level="sequence", seq_ids=ids.float(), num_seqs=1)
-    with pytest.raises(ValueError, match=r"seq_ids \(3, 5\) must have the shape"):
-        rc.compute_rollout_correction(*flat, level="sequence", seq_ids=ids.view(3, 5), num_seqs=1)
+        rc.compute_rollout_correction(*flat, level="sequence", seq_index=ids.float(), num_seqs=1)
+    with pytest.raises(ValueError, match=r"seq_index \(3, 5\) must have the shape"):
+        rc.compute_rollout_correction(*flat, level="sequence", seq_index=ids.view(3, 5), num_seqs=1)
     with pytest.raises(ValueError, match="num_seqs 2 != 3 rows"):
         rc.compute_rollout_correction(old, roll, mask, level="sequence", num_seqs=2)
 
@@ -352,7 +367,8 @@ def test_config_yaml_and_dotted_override(tmp_path):
     ("algorithm.rollout_correction.capp=3",
      "unknown field algorithm.rollout_correction.capp; did you mean 'cap'?"),
     ("algorithm.rollout_corection.cap=3",
-     "bad override 'algorithm.rollout_corection.cap=3': algorithm.rollout_corection is not a group"),
+     "bad override 'algorithm.rollout_corection.cap=3': algorithm.rollout_corection is not a "
+     "group"),
     ("algorithm.clip_ratio_c.cap=3", "algorithm.clip_ratio_c is not a group of fields"),
     ("algorithm.rollout_correction.cap=1", "algorithm.rollout_correction.cap must be > 1"),
     ("algorithm.rollout_correction.cap=.inf", "algorithm.rollout_correction.cap: must be a finite"),

@@ -27,8 +27,8 @@ token (as the PPO ratio in `policy_loss.py`) and the comparison with C is made i
 garbage log-probs and sequence sums of thousands of tokens never overflow.
 
 Layouts. All per-token inputs share one shape: padded `[B, T]` (one sequence a row), or packed
-`[1, T]` / `[T]` with several sequences concatenated; `seq_ids` (int, same shape) then says which
-sequence each token belongs to (`seq_ids_from_cu_seqlens` makes it from `cu_seqlens`), numbered
+`[1, T]` / `[T]` with several sequences concatenated; `seq_index` (int, same shape) then says which
+sequence each token belongs to (`seq_index_from_cu_seqlens` makes it from `cu_seqlens`), numbered
 0 .. num_seqs − 1 identically on every context-parallel rank. Only positions inside `mask` are read;
 padding may hold anything (NaN included). With context parallelism a sequence's tokens are split
 over the CP ranks: its log-ratio sum is all-reduced over `cp_group` (sequence and geometric levels
@@ -102,7 +102,7 @@ def check_settings(level: str, method: str, cap: float) -> None:
                          f"[1/cap, cap]), got {cap!r}")
 
 
-def seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def seq_index_from_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Sequence id (int64, [num_tokens], on cu_seqlens' device) of each position of a packed row
     whose sequence i spans [cu_seqlens[i], cu_seqlens[i+1]). Positions at or past cu_seqlens[-1]
     get id len(cu_seqlens) − 1 (one past the last sequence): they must be outside the mask."""
@@ -121,13 +121,13 @@ def _all_reduce_sum(t: torch.Tensor, group) -> None:
 def compute_rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
                                mask: torch.Tensor, *, level: Level = "token",
                                method: Method = "truncate", cap: float = 2.0,
-                               seq_ids: torch.Tensor | None = None, num_seqs: int | None = None,
+                               seq_index: torch.Tensor | None = None, num_seqs: int | None = None,
                                cp_group=None) -> RolloutCorrection:
     """Importance weights, the loss mask and metrics for one micro-batch (module docstring).
 
     old_logprobs, rollout_logprobs: the old policy's and the rollout engine's log-probs of the
         sampled tokens, same shape, aligned per position. mask: the response tokens (bool-like).
-    seq_ids, num_seqs: the sequence of each position and how many sequences there are, for the
+    seq_index, num_seqs: the sequence of each position and how many sequences there are, for the
         sequence/geometric levels. Default: one sequence per row of a 2-D input (num_seqs = rows).
     cp_group: the context-parallel group over which sequences are split (None: not split).
     """
@@ -147,7 +147,7 @@ def compute_rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: tor
         if level == "token":
             applied = log_w
         else:
-            ids, n = _sequence_ids(m, seq_ids, num_seqs)
+            ids, n = _sequence_index(m, seq_index, num_seqs)
             flat_ids = torch.where(m, ids, torch.zeros_like(ids)).reshape(-1)
             sums = torch.zeros((2, n), dtype=torch.float64, device=log_w.device)
             sums[0].index_add_(0, flat_ids, log_w.reshape(-1))
@@ -187,27 +187,27 @@ def compute_rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: tor
     return RolloutCorrection(weights.float(), keep, metrics, seq_weights, seq_kept)
 
 
-def _sequence_ids(m: torch.Tensor, seq_ids: torch.Tensor | None,
+def _sequence_index(m: torch.Tensor, seq_index: torch.Tensor | None,
                   num_seqs: int | None) -> tuple[torch.Tensor, int]:
-    if seq_ids is None:
+    if seq_index is None:
         if m.dim() != 2:
-            raise ValueError(f"sequence-level correction of a {m.dim()}-D input needs seq_ids and "
-                             "num_seqs (one sequence a row only for [B, T] inputs)")
+            raise ValueError(f"sequence-level correction of a {m.dim()}-D input needs seq_index "
+                             "and num_seqs (one sequence a row only for [B, T] inputs)")
         rows = m.shape[0]
         if num_seqs is not None and num_seqs != rows:
             raise ValueError(f"num_seqs {num_seqs} != {rows} rows (one sequence a row without "
-                             "seq_ids)")
+                             "seq_index)")
         ids = torch.arange(rows, device=m.device).unsqueeze(1).expand(m.shape)
         return ids, rows
-    if seq_ids.shape != m.shape:
-        raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must have the shape of the log-probs "
+    if seq_index.shape != m.shape:
+        raise ValueError(f"seq_index {tuple(seq_index.shape)} must have the shape of the log-probs "
                          f"{tuple(m.shape)}")
-    if seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
-        raise ValueError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
+    if seq_index.dtype.is_floating_point or seq_index.dtype == torch.bool:
+        raise ValueError(f"seq_index must be an integer tensor, got {seq_index.dtype}")
     if num_seqs is None or num_seqs < 1:
-        raise ValueError(f"seq_ids needs num_seqs >= 1 (the same on every context-parallel rank), "
-                         f"got {num_seqs!r}")
-    return seq_ids.long(), int(num_seqs)
+        raise ValueError(f"seq_index needs num_seqs >= 1 (the same on every context-parallel "
+                         f"rank), got {num_seqs!r}")
+    return seq_index.long(), int(num_seqs)
 
 
 def finalize_metrics(sums: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
