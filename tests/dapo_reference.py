@@ -137,3 +137,12 @@ def cases():
             for scope in ("global", "micro_batch") for norm in ("kept_tokens", "all_tokens")
             for select in ("top", "bottom", "random") for mode in MODES]
     return out
+
+
+def cp_cases():
+    """The branches where context parallelism changes the code path: every (ρ, scope, norm, mode)
+    with top selection (pools across ranks, per-sequence counts summed over ranks, sequences
+    counted once); bottom and random (each rank's own draws) once per scope. The one-process test
+    runs every combination."""
+    return [c for c in cases()
+            if c[3] == "top" or (c[2] == "kept_tokens" and c[4] == "token-mean")]

@@ -4,7 +4,9 @@ tests/dist/loss_formula.py drives one mini-batch through the trainer's path (mic
 device, the global selection, Megatron's schedule and per-token loss accounting) and compares the
 loss with the formula written out in float64 from gathered full-vocabulary logits, at micro-batch
 sizes 1 and 4, for DP1 (TP2) and DP2; the TP2 run also checks that random selection keeps the same
-tokens on tensor-parallel peers.
+tokens on tensor-parallel peers, the DP2 run then checks every branch of `dapo_loss` at context
+parallelism 2 against tests/dapo_reference.py (tests/dist/dapo_loss_cp.py; the one-process branches
+are tests/test_dapo_loss.py).
 """
 import os
 import subprocess
@@ -12,6 +14,7 @@ import sys
 
 import pytest
 
+from dapo_reference import cp_cases
 from megatron_rlvr.algos.objective import describe_objective
 from megatron_rlvr.config import load_config
 from megatron_rlvr.models.tiny import save_tiny_model
@@ -30,6 +33,8 @@ def test_mini_batch_loss_equals_the_formula(model, tp):
     assert out.count("ok mbs=") == 12, out[-3000:]
     if tp == 2:
         assert "ok random masks identical across 2 tensor-parallel rank(s)" in out
+    else:  # the same launch re-forms its groups as CP2: tests/dist/dapo_loss_cp.py
+        assert out.count("ok cp=2 ") == len(cp_cases()) == 22, out[-3000:]
 
 
 RECIPES = ["qwen3_14b_top20", "qwen3_32b_top20", "qwen3_14b_dapo"]

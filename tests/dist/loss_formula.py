@@ -10,6 +10,8 @@ dual-clip PPO loss written out below, gathered over the whole mini-batch. Checke
   rho = 0.2 global, kept-token and all-token normalisation (the paper);
   rho = 0.2 micro_batch (the seed code: each micro-batch's masked mean, weighted by its sequences);
 each at micro-batch sizes 1 and 4. The learning rate is 0, so every call sees the same weights.
+The TP1 run then re-forms the groups as CP2 and runs tests/dist/dapo_loss_cp.py's checks (every
+branch of dapo_loss at context parallelism 2 against a float64 reference).
 
     torchrun --nproc_per_node=2 tests/dist/loss_formula.py --tp {1,2} HF_DIR
 """
@@ -149,6 +151,12 @@ def main():
                       flush=True)
     assert checked == 12
     random_masks_agree_across_tp(policy, host, dev)
+    if args.tp == 1 and dist.get_world_size() == 2:
+        # Shares this launch: dapo_loss at context parallelism 2 (tests/dist/dapo_loss_cp.py).
+        from dapo_loss_cp import check_context_parallel
+        ps.destroy_model_parallel()
+        init_distributed(1, 1, 2)
+        assert check_context_parallel() > 0
     destroy_distributed()
 
 
