@@ -76,7 +76,9 @@ E = math.exp
 
 
 def test_token_truncate():
-    out = rc.compute_rollout_correction(*_inputs(), level="token", method="truncate", cap=2.0)
+    old, roll, mask = _inputs()
+    out = rc.compute_rollout_correction(old, roll, mask, level="token", method="truncate", cap=2.0)
+    assert out.mask is not mask          # a new tensor: editing it leaves the response mask alone
     # e^1.0 = 2.718 and e^0.8 = 2.226 are capped at 2; e^-0.9, e^-0.8 stay (no lower bound)
     w, keep = _expect([[E(0.1), 2.0, E(-0.9)], [E(-0.05), E(0.02), E(0.3)], [2.0, E(-0.8)]])
     _check(out, w, keep, clipped=2, masked=0)

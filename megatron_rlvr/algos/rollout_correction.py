@@ -157,7 +157,7 @@ def compute_rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: tor
             applied = seq_log_w[flat_ids].view(log_w.shape)
 
         if method == "truncate":
-            keep = m
+            keep = m.clone()  # never the caller's mask itself (`bool()` of a bool tensor is it)
             clipped = m & (applied > log_cap)
             w = torch.exp(applied.clamp(max=log_cap))
         else:
