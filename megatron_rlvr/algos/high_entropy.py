@@ -31,8 +31,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_rlvr.algos.policy_loss import compute_policy_loss
-from megatron_rlvr.models.pipeline import cp_slice
+from megatron_rlvr.algos.policy_loss import compute_policy_loss, sequence_sums
+from megatron_rlvr.models.pipeline import local_tokens
 from megatron_rlvr.ops.entropy import logprobs_and_entropy
 from megatron_rlvr.ops.quantile import top_ratio_mask
 
@@ -76,8 +76,8 @@ def choose_tokens(entropy: torch.Tensor, mask: torch.Tensor, s: LossSettings, gr
 def token_stats(mb: dict, logits: torch.Tensor, s: LossSettings) -> dict:
     """No-grad pass: this rank's log-probs and entropies of a micro-batch (context-parallel slice)."""
     tp_group, _, _, _ = _groups()
-    logp, ent = logprobs_and_entropy(logits, cp_slice(mb["labels"]), temperature=s.temperature,
-                                     tp_group=tp_group)
+    logp, ent = logprobs_and_entropy(logits, local_tokens(mb, mb["labels"]),
+                                     temperature=s.temperature, tp_group=tp_group)
     return {"logprobs": logp, "entropy": ent}
 
 
@@ -96,7 +96,7 @@ def select_mini_batch(policy, micro_batches: list[dict], s: LossSettings,
         entropies = [o["entropy"] for o in policy.forward(micro_batches, partial(token_stats, s=s))]
     if not ps.is_pipeline_last_stage():
         return
-    keeps = select_global(entropies, [cp_slice(mb["response_mask"]) for mb in micro_batches],
+    keeps = select_global(entropies, [local_tokens(mb, mb["response_mask"]) for mb in micro_batches],
                           s, generator)
     for mb, keep, ent in zip(micro_batches, keeps, entropies):
         mb["keep_local"] = keep.view(ent.shape)
@@ -112,9 +112,10 @@ def select_global(entropies: list[torch.Tensor], masks: list[torch.Tensor], s: L
     return list(keep.split([m.numel() for m in masks]))
 
 
-def _sequence_sum(x: torch.Tensor, cp_group) -> torch.Tensor:
+def _sequence_sum(x: torch.Tensor, seq_index: torch.Tensor, num_segments: int,
+                  cp_group) -> torch.Tensor:
     """Per-sequence sums over the tokens of every context-parallel rank (no gradient)."""
-    out = x.sum(-1).double()
+    out = sequence_sums(x.double(), seq_index, num_segments)
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         dist.all_reduce(out, group=cp_group)
     return out
@@ -124,11 +125,16 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
               generator: torch.Generator | None = None):
     """The micro-batch loss as `(numerator, denominator, logs)` (see the module docstring)."""
     tp_group, cp_group, cp_rank, _ = _groups()
-    labels = cp_slice(mb["labels"])
-    response = cp_slice(mb["response_mask"])
-    advantages = cp_slice(mb["advantages"])
-    old = mb["old_logprobs_local"]
+    labels = local_tokens(mb, mb["labels"])
+    response = local_tokens(mb, mb["response_mask"])
+    advantages = local_tokens(mb, mb["advantages"])
+    # Sequences: the rows (padded layout) or the segments of `seq_index` (packed).
+    seq_index = local_tokens(mb, mb["seq_index"]) if "cu_seqlens" in mb else None
+    num_segments = len(mb["cu_seqlens"]) - 1 if "cu_seqlens" in mb else labels.shape[0]
+    sequences = mb.get("num_sequences", num_segments)  # a padding-only micro-batch has none
     logp, ent = logprobs_and_entropy(logits, labels, temperature=s.temperature, tp_group=tp_group)
+    # On-policy single-update steps skip the old pass (trainer): the old policy is this one.
+    old = mb["old_logprobs_local"] if "old_logprobs_local" in mb else logp.detach()
     if s.scope == "global" or s.ratio >= 1.0:
         keep = mb["keep_local"] if s.ratio < 1.0 else response
     else:
@@ -139,25 +145,24 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
 
     # Sum of per-token (or per-sequence) losses over this rank's tokens; denominators are counts.
     token_mean = s.loss_agg_mode == "token-mean"
-    seq_counts = _sequence_sum(count_mask, cp_group) if s.loss_agg_mode == "seq-mean-token-mean" \
-        else None
+    seq_counts = _sequence_sum(count_mask, seq_index, num_segments, cp_group) \
+        if s.loss_agg_mode == "seq-mean-token-mean" else None
     total, metrics = compute_policy_loss(
         logp, old, advantages, keep, clip_ratio_low=s.clip_ratio_low,
         clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
-        loss_agg_mode=s.loss_agg_mode, denominator=1.0, seq_token_counts=seq_counts)
+        loss_agg_mode=s.loss_agg_mode, denominator=1.0, seq_token_counts=seq_counts,
+        seq_index=seq_index, num_seqs=num_segments)
     # Counts stay on the device: Megatron all-reduces the denominators over data-parallel ranks.
     if token_mean:
         count = count_mask.sum(dtype=torch.int64)
     else:
-        count = torch.tensor(labels.shape[0] if lead else 0, dtype=torch.int64,
-                             device=logits.device)
+        count = torch.tensor(sequences if lead else 0, dtype=torch.int64, device=logits.device)
     if per_micro_batch:
         # The seed code: the micro-batch's masked mean, weighted by its sequences; Megatron then
         # divides by the mini-batch's sequences (the summed denominators).
         mb_count = count.double()
         if dist.get_world_size(cp_group) > 1:
             dist.all_reduce(mb_count, group=cp_group)
-        sequences = labels.shape[0]
         total = total * (sequences / mb_count.clamp(min=1))
         count = torch.tensor(sequences if lead else 0, dtype=torch.int64, device=logits.device)
     denominator = count.int()

@@ -29,27 +29,40 @@ LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 _MAX_LOG_RATIO = 20.0
 
 
+def sequence_sums(x: torch.Tensor, seq_index: torch.Tensor | None, num_seqs: int) -> torch.Tensor:
+    """Per-sequence sums of the per-token `x`: over each row ([B, T] padded layout, `seq_index`
+    None), or over the tokens `seq_index` assigns to each of `num_seqs` sequences (packed)."""
+    if seq_index is None:
+        return x.sum(-1)
+    return x.new_zeros(num_seqs).index_add(0, seq_index.reshape(-1), x.reshape(-1))
+
+
 def aggregate_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, mode: LossAggMode,
                    denominator: float | torch.Tensor | None = None,
-                   seq_token_counts: torch.Tensor | None = None) -> torch.Tensor:
+                   seq_token_counts: torch.Tensor | None = None,
+                   seq_index: torch.Tensor | None = None,
+                   num_seqs: int | None = None) -> torch.Tensor:
     """Reduce per-token losses [B, T] to a scalar (see the module docstring for `denominator`).
 
-    `seq_token_counts` [B]: the per-sequence token counts that `seq-mean-token-mean` divides by;
-    default `loss_mask.sum(-1)`. (Under entropy selection with all-token normalisation the
-    trainer passes the response lengths.) A sequence with no tokens contributes 0.
+    Sequences are the rows, or, for packed micro-batches, given by `seq_index` (each token's
+    sequence, < `num_seqs`). `seq_token_counts` [sequences]: the per-sequence token counts that
+    `seq-mean-token-mean` divides by; default the mask's. (Under entropy selection with all-token
+    normalisation the trainer passes the response lengths.) A sequence with no tokens contributes 0.
     """
     mask = loss_mask.to(token_loss.dtype)
     masked = token_loss * mask
+    sequences = token_loss.shape[0] if seq_index is None else num_seqs
     if mode == "token-mean":
         total = masked.sum()
         default = mask.sum()
     elif mode == "seq-mean-token-sum":
         total = masked.sum()
-        default = token_loss.shape[0]
+        default = sequences
     elif mode == "seq-mean-token-mean":
-        counts = mask.sum(-1) if seq_token_counts is None else seq_token_counts.to(mask.dtype)
-        total = (masked.sum(-1) / counts.clamp(min=1)).sum()
-        default = token_loss.shape[0]
+        counts = sequence_sums(mask, seq_index, sequences) if seq_token_counts is None \
+            else seq_token_counts.to(mask.dtype)
+        total = (sequence_sums(masked, seq_index, sequences) / counts.clamp(min=1)).sum()
+        default = sequences
     else:
         raise ValueError(f"unknown loss_agg_mode {mode!r}")
     denom = default if denominator is None else denominator
@@ -65,9 +78,11 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         clip_ratio_low: float, clip_ratio_high: float, clip_ratio_c: float,
                         loss_agg_mode: LossAggMode = "token-mean",
                         denominator: float | torch.Tensor | None = None,
-                        seq_token_counts: torch.Tensor | None = None
+                        seq_token_counts: torch.Tensor | None = None,
+                        seq_index: torch.Tensor | None = None, num_seqs: int | None = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss (scalar, differentiable w.r.t. `logprobs`) and metrics; all inputs [B, T].
+    """Loss (scalar, differentiable w.r.t. `logprobs`) and metrics; all inputs [B, T] (packed
+    micro-batches: [1, T] with `seq_index`/`num_seqs`, see `aggregate_loss`).
 
     `loss_mask` marks the tokens that receive gradient (response tokens, and under entropy
     selection only the kept ones). Metrics are detached sums/counts/maxima over those tokens, so
@@ -89,7 +104,8 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     dual = -advantages * clip_ratio_c
     negative = advantages < 0
     token_loss = torch.where(negative, torch.minimum(clipped, dual), clipped)
-    loss = aggregate_loss(token_loss, loss_mask, loss_agg_mode, denominator, seq_token_counts)
+    loss = aggregate_loss(token_loss, loss_mask, loss_agg_mode, denominator, seq_token_counts,
+                          seq_index, num_seqs)
 
     with torch.no_grad():
         r = ratio.detach()

@@ -12,6 +12,11 @@ exist on CPU machines. This module takes Megatron's place of `core_attention` an
 
 With cp = 1 it is plain causal attention. Sequences are right-padded, so a causal mask is all that
 valid tokens need; padding positions compute garbage that the loss never reads.
+
+Packed sequences (THD, `packed_seq_params.qkv_format == "thd"`): query/key/value come as [t, heads,
+d] with the sequences of a micro-batch one after another (each split into 2·cp chunks under context
+parallelism, as in models/pipeline.py). Attention is computed sequence by sequence, so nothing
+crosses a boundary and the cost is Σ length², not T².
 """
 from __future__ import annotations
 
@@ -70,8 +75,12 @@ class ContextParallelAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         # query [sq, b, heads, d]; key/value [sq, b, groups, d] for this rank's tokens.
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("packed sequences and attention bias need Transformer-Engine")
+        if attention_bias is not None:
+            raise NotImplementedError("attention bias needs Transformer-Engine")
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd":
+                raise NotImplementedError(f"packed format {packed_seq_params.qkv_format!r}")
+            return self._packed(query, key, value, packed_seq_params)
         cp, cp_rank = self.cp_group.size(), self.cp_group.rank()
         sq = query.shape[0]
         gqa = query.shape[2] != key.shape[2]
@@ -101,3 +110,42 @@ class ContextParallelAttention(MegatronModule):
         # [b, heads, sq, d] -> [sq, b, heads * d]
         out = out.to(query.dtype).permute(2, 0, 1, 3)
         return out.reshape(sq, out.shape[1], -1)
+
+    def _packed(self, query, key, value, params):
+        """THD: query [t, heads, d], key/value [t, groups, d] (this rank's tokens of every
+        sequence); returns [t, heads·d]."""
+        cp, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        bounds = getattr(params, "cu_seqlens_host", None)  # set by models/pipeline.py: no sync
+        if bounds is None:
+            device_bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None \
+                else params.cu_seqlens_q
+            bounds = device_bounds.tolist()
+        local = [(hi - lo) // cp for lo, hi in zip(bounds[:-1], bounds[1:])]
+        if sum(local) != query.shape[0]:
+            raise ValueError(f"packed attention: cu_seqlens describe {sum(local)} local tokens, "
+                             f"the query has {query.shape[0]}")
+        gqa = query.shape[1] != key.shape[1]
+        if cp > 1:  # every rank's keys/values, [cp, t, groups, d]
+            keys = _GatherSeq.apply(key, self.cp_group).view(cp, *key.shape)
+            values = _GatherSeq.apply(value, self.cp_group).view(cp, *value.shape)
+        outs, start = [], 0
+        for n in local:
+            q = query[start:start + n].transpose(0, 1)[None]  # [1, heads, n, d]
+            if cp == 1:
+                k = key[start:start + n].transpose(0, 1)[None]
+                v = value[start:start + n].transpose(0, 1)[None]
+                mask, causal = None, True
+            else:
+                k = keys[:, start:start + n].reshape(cp * n, *key.shape[1:]).transpose(0, 1)[None]
+                v = values[:, start:start + n].reshape(cp * n, *value.shape[1:]).transpose(0, 1)[None]
+                k_pos = torch.cat([cp_token_positions(r, cp, n, query.device) for r in range(cp)])
+                q_pos = cp_token_positions(cp_rank, cp, n, query.device)
+                mask, causal = k_pos[None, :] <= q_pos[:, None], False
+            if not query.is_cuda:  # CPU: float32 softmax, as the padded path
+                q, k, v = q.float(), k.float(), v.float()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+            outs.append(out[0].transpose(0, 1).to(query.dtype))  # [n, heads, d]
+            start += n
+        out = torch.cat(outs, dim=0)
+        return out.reshape(out.shape[0], -1)

@@ -335,14 +335,20 @@ def _object_coll_device(original):
 def _patch_distributed() -> None:
     from torch.distributed import distributed_c10d as c10d
 
+    # One wrapper per function, set on both modules: torch compares them by identity
+    # (P2POp accepts only `op in [c10d.isend, c10d.irecv]`, and Megatron passes `dist.isend`).
     for name in _COLLECTIVES:
-        for module in (dist, c10d):
-            fn = getattr(module, name, None)
-            if fn is not None and not getattr(fn, "_strict_wrapped", False):
-                setattr(module, name, _wrap_collective(name, fn))
+        fn = getattr(c10d, name, None)
+        if fn is not None and not getattr(fn, "_strict_wrapped", False):
+            wrapped = _wrap_collective(name, fn)
+            for module in (dist, c10d):
+                if getattr(module, name, None) is fn:
+                    setattr(module, name, wrapped)
+    batch, new_group = (_wrap_batch_isend_irecv(c10d.batch_isend_irecv),
+                        _wrap_new_group(c10d.new_group))
     for module in (dist, c10d):
-        module.batch_isend_irecv = _wrap_batch_isend_irecv(module.batch_isend_irecv)
-        module.new_group = _wrap_new_group(module.new_group)
+        module.batch_isend_irecv = batch
+        module.new_group = new_group
     c10d._get_object_coll_device = _object_coll_device(c10d._get_object_coll_device)
 
 
