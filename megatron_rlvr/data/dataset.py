@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from megatron_rlvr.rollout.base import fit_prompts
+from megatron_rlvr.data.prompts import fit_prompts
 
 
 @dataclass

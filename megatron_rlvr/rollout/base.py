@@ -13,7 +13,8 @@ from typing import Iterable, Literal, Sequence
 
 import torch
 
-PromptOverflow = Literal["truncate_left", "drop"]
+from megatron_rlvr.data.prompts import PromptOverflow, fit_prompts  # noqa: F401  (re-exported)
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -95,31 +96,6 @@ class WeightSyncStats:
     @property
     def gb_per_s(self) -> float:
         return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
-
-
-def fit_prompts(prompts: Sequence[Sequence[int]], limit: int, policy: PromptOverflow
-                ) -> tuple[list[tuple[int, list[int]]], list[int], int]:
-    """Apply the prompt-length policy to prompts longer than `limit` tokens.
-
-    `truncate_left` keeps the last `limit` tokens: the end of a chat prompt (the question and the
-    assistant header the response continues from) matters more than its start. `drop` leaves the
-    prompt out. Returns ([(index, prompt)] kept, [index] dropped, number truncated).
-    """
-    if policy not in ("truncate_left", "drop"):
-        raise ValueError(f"prompt overflow policy must be 'truncate_left' or 'drop', got {policy!r}")
-    if limit < 1:
-        raise ValueError(f"the prompt length limit must be >= 1 token, got {limit}")
-    kept, dropped, truncated = [], [], 0
-    for i, p in enumerate(prompts):
-        p = list(p)
-        if len(p) <= limit:
-            kept.append((i, p))
-        elif policy == "drop":
-            dropped.append(i)
-        else:
-            kept.append((i, p[-limit:]))
-            truncated += 1
-    return kept, dropped, truncated
 
 
 class RolloutEngine(abc.ABC):
