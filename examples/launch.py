@@ -136,9 +136,18 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
         notes.append(f"note: data files not found here: {', '.join(missing)}")
 
     seqs = t.ppo_mini_batch_size * r.n
-    micro = seqs // (dp * t.micro_batch_size)
-    work = planner.Workload(seq_len=r.max_prompt_length + r.max_response_length,
-                            micro_batch=t.micro_batch_size,
+    seq_len = r.max_prompt_length + r.max_response_length
+    budget = t.max_tokens_per_micro_batch
+    if budget:  # at most this many (every sequence full-length); short ones pack more per budget
+        micro = -(-(seqs // dp) // max(1, budget // seq_len))
+        micro_desc = (f"up to {micro} packed micro-batches of <= {budget} tokens, balanced, "
+                      f"per DP rank per optimizer step")
+    else:
+        micro = seqs // (dp * t.micro_batch_size)
+        micro_desc = (f"{micro} {'packed' if t.packing else 'padded'} micro-batches of "
+                      f"{t.micro_batch_size} per DP rank per optimizer step")
+    work = planner.Workload(seq_len=seq_len, micro_batch=t.micro_batch_size,
+                            micro_batch_tokens=budget or None,
                             recompute=cfg.model.recompute_activations,
                             sequence_parallel=p.sequence_parallel, num_microbatches=micro)
     mem = planner.memory(shape, lay, work)
@@ -154,8 +163,7 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
         f"{t.gen_batch_size} prompts x {r.n} responses a round, up to "
         f"{r.max_prompt_length} + {r.max_response_length} tokens",
         f"update: {t.train_batch_size} prompts a step = {t.train_batch_size // t.ppo_mini_batch_size}"
-        f" optimizer steps of {seqs} sequences; {micro} micro-batches of {t.micro_batch_size} "
-        f"per DP rank per optimizer step",
+        f" optimizer steps of {seqs} sequences; {micro_desc}",
         f"algorithm: entropy_top_ratio {a.entropy_top_ratio}, lr {t.lr:g}, clip "
         f"[{a.clip_ratio_low}, {a.clip_ratio_high}], dual clip {a.clip_ratio_c:g}",
         "objective: " + describe_objective(a.entropy_top_ratio, a.entropy_top_scope,

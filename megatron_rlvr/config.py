@@ -179,7 +179,17 @@ class TrainerConfig:
                                           "uses 3 x 512.")
     ppo_mini_batch_size: int = _f(32, "Prompts per optimizer step; an RL step makes "
                                       "train_batch_size / ppo_mini_batch_size optimizer steps.")
-    micro_batch_size: int = _f(1, "Sequences per forward/backward on each data-parallel rank.")
+    micro_batch_size: int = _f(1, "Sequences per forward/backward on each data-parallel rank "
+                                   "(when max_tokens_per_micro_batch is 0).")
+    packing: bool = _f(True, "Concatenate a micro-batch's sequences without padding (THD, "
+                             "cu_seqlens; each padded only to the parallel layout's length "
+                             "multiple). false = pad every sequence to the batch's longest.")
+    max_tokens_per_micro_batch: int = _f(
+        0, "Token budget of a micro-batch on each data-parallel rank (the seed's "
+           "ppo_max_token_len_per_gpu): sequences are spread over data-parallel ranks balanced on "
+           "work, then packed into micro-batches of at most this many tokens, the same number on "
+           "every rank. 0 = micro_batch_size sequences per micro-batch. Needs packing; must hold "
+           "the longest sequence (max_prompt_length + max_response_length).")
     total_steps: int = _f(1000, "RL steps to train.")
     lr: float = _f(1e-6, "AdamW learning rate (constant after warm-up).")
     lr_warmup_steps: int = _f(10, "Linear warm-up length, in RL steps.")
@@ -512,6 +522,16 @@ def validate(cfg: Config) -> None:
          f"({t.train_batch_size}) even if no prompt is dropped")
     positive("trainer.ppo_mini_batch_size", t.ppo_mini_batch_size)
     positive("trainer.micro_batch_size", t.micro_batch_size)
+    non_negative("trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch)
+    if t.max_tokens_per_micro_batch > 0:
+        need(t.packing, "trainer.max_tokens_per_micro_batch needs trainer.packing: true")
+        # Each sequence is padded to 2·cp (·tp with sequence parallelism): models/pipeline.py.
+        multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+        longest = -(-(r.max_prompt_length + r.max_response_length) // multiple) * multiple
+        need(t.max_tokens_per_micro_batch >= longest,
+             f"trainer.max_tokens_per_micro_batch ({t.max_tokens_per_micro_batch}) must hold the "
+             f"longest sequence: rollout.max_prompt_length + max_response_length padded to a "
+             f"multiple of {multiple} = {longest}")
     if t.train_batch_size > 0 and t.ppo_mini_batch_size > 0:
         need(t.train_batch_size % t.ppo_mini_batch_size == 0,
              f"trainer.train_batch_size ({t.train_batch_size}) must be divisible by "
@@ -567,7 +587,8 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     """The data-parallel size for `world_size` ranks, checking that the batch sizes divide.
 
     Each optimizer step consumes ppo_mini_batch_size * n sequences, split evenly over the DP
-    ranks in micro-batches of micro_batch_size sequences.
+    ranks in micro-batches of micro_batch_size sequences (with a token budget, micro-batches are
+    cut by tokens and only the world size must divide).
     """
     p, t = cfg.parallel, cfg.trainer
     model_parallel = p.tp * p.pp * p.cp
@@ -576,7 +597,7 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
                           f"= {model_parallel}")
     dp = world_size // model_parallel
     seqs = t.ppo_mini_batch_size * cfg.rollout.n
-    if seqs % (dp * t.micro_batch_size):
+    if t.max_tokens_per_micro_batch == 0 and seqs % (dp * t.micro_batch_size):
         raise ConfigError(
             f"a mini-batch of trainer.ppo_mini_batch_size * rollout.n = {seqs} sequences cannot "
             f"be split into micro-batches of trainer.micro_batch_size = {t.micro_batch_size} on "

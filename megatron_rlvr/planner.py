@@ -180,6 +180,8 @@ class Layout:
 class Workload:
     seq_len: int                      # prompt + response tokens of one sequence
     micro_batch: int = 1              # sequences per micro-batch
+    micro_batch_tokens: int | None = None  # token budget of a packed micro-batch (replaces
+                                           # micro_batch x seq_len: trainer.max_tokens_per_micro_batch)
     recompute: bool = True            # Megatron full activation recomputation
     sequence_parallel: bool = True    # Megatron SP whenever tp > 1 (GPU, Transformer-Engine)
     num_microbatches: int | None = None  # per DP rank per optimizer step; None: at least pp
@@ -242,7 +244,8 @@ def _stage_memory(shape: Shape, lay: Layout, work: Workload, stage: int) -> Memo
     tp, pp = lay.tp, lay.pp
     p = stage_params(shape, tp, pp, stage, work.vocab_divisor)
     shards = lay.dp * lay.cp
-    tokens = work.micro_batch * work.seq_len // lay.cp          # one micro-batch on this GPU
+    # One micro-batch on this GPU: its token budget (packed), else micro_batch full-length sequences.
+    tokens = (work.micro_batch_tokens or work.micro_batch * work.seq_len) // lay.cp
     in_flight = pp - stage
     if work.num_microbatches is not None:
         in_flight = min(in_flight, work.num_microbatches)
@@ -384,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, help="default 2048")
     p.add_argument("--response-len", type=int, help="default 20480")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
+    p.add_argument("--max-tokens-per-micro-batch", type=int,
+                   help="token budget of a packed micro-batch (default: --micro-batch full-length "
+                        "sequences)")
     p.add_argument("--recompute", choices=("full", "none"), help="default full")
     p.add_argument("--no-sequence-parallel", action="store_true")
     p.add_argument("--num-microbatches", type=int,
@@ -416,6 +422,7 @@ def _from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     given = dict(tp=par.tp, pp=par.pp, cp=par.cp, vllm_tp=r.vllm_tp,
                  prompt_len=r.max_prompt_length, response_len=r.max_response_length,
                  micro_batch=t.micro_batch_size,
+                 max_tokens_per_micro_batch=t.max_tokens_per_micro_batch or None,
                  recompute="full" if cfg.model.recompute_activations else "none")
     for name, value in given.items():
         if getattr(args, name) is None:
@@ -427,7 +434,12 @@ def _from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
             dp = data_parallel_size(cfg, args.nodes * args.gpus_per_node)
         except ConfigError as e:
             p.error(str(e))
-        args.num_microbatches = t.ppo_mini_batch_size * r.n // (dp * args.micro_batch)
+        seqs = t.ppo_mini_batch_size * r.n // dp
+        if args.max_tokens_per_micro_batch:  # worst case: every sequence full-length
+            per_mb = max(1, args.max_tokens_per_micro_batch // (args.prompt_len + args.response_len))
+            args.num_microbatches = max(1, -(-seqs // per_mb))
+        else:
+            args.num_microbatches = seqs // args.micro_batch
     if args.hf_config is not None:
         return args.hf_config
     path = os.path.join(cfg.model.hf_dir, "config.json")
@@ -443,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.overrides and args.config is None:
         p.error(f"config overrides {args.overrides} need --config")
     _positive(p, args, "nodes", "gpus_per_node", "gpu_memory_gib", "tp", "pp", "cp", "vllm_tp",
-              "prompt_len", "response_len", "micro_batch", "num_microbatches", "rollout_seqs_per_gpu",
-              "top")
+              "prompt_len", "response_len", "micro_batch", "max_tokens_per_micro_batch",
+              "num_microbatches", "rollout_seqs_per_gpu", "top")
     hf_config = _from_config(p, args) if args.config else args.hf_config
     if hf_config is None:
         p.error("give --config or --hf-config")
@@ -463,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     work = Workload(seq_len=args.prompt_len + args.response_len, micro_batch=args.micro_batch,
+                    micro_batch_tokens=args.max_tokens_per_micro_batch,
                     recompute=args.recompute == "full",
                     sequence_parallel=not args.no_sequence_parallel,
                     num_microbatches=args.num_microbatches,
@@ -472,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     n = total_params(shape)
     print(f"{hf_config}: {n / 1e9:.2f}B parameters ({n:,}); "
           f"{args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory_gib:g} GiB; sequences of "
-          f"{work.seq_len} tokens, micro-batch {work.micro_batch}, recompute {args.recompute}, "
+          f"{work.seq_len} tokens, micro-batch "
+          f"{f'of {work.micro_batch_tokens} tokens' if work.micro_batch_tokens else work.micro_batch}"
+          f", recompute {args.recompute}, "
           f"sequence parallel {'on' if work.sequence_parallel else 'off'}, "
           f"{work.rollout_seqs_per_gpu} full-length rollout sequences per vLLM GPU")
     if args.tp is not None:

@@ -5,7 +5,10 @@ One step:
                are scored in a process pool; DAPO dynamic sampling repeats rounds until
                train_batch_size prompts have responses that disagree;
   2. old pass  the policy computes log-probs (the PPO ratio's denominator) and entropies of the
-               batch; vLLM's log-probs are compared with them (rollout/logprob_mismatch_*);
+               batch; vLLM's log-probs are compared with them (rollout/logprob_mismatch_*).
+               Skipped when the step makes a single optimizer step whose selection needs no
+               entropies beforehand (ρ = 1 or the micro-batch scope): the update's own detached
+               log-probs are then the old ones, exactly;
   3. update    one optimizer step per mini-batch of ppo_mini_batch_size prompts: clip-higher PPO
                loss on the selected tokens (algos/high_entropy.py), Megatron DDP + distributed
                optimizer;
@@ -29,16 +32,18 @@ from megatron_rlvr.algos.dynamic_sampling import GroupAccumulator
 from megatron_rlvr.algos.objective import describe_objective
 from megatron_rlvr.algos.high_entropy import (LossSettings, dapo_loss, select_mini_batch,
                                               token_stats)
-from megatron_rlvr.batch import build_batch, micro_batches
+from megatron_rlvr.algos.rollout_correction import METRIC_KEYS, finalize_metrics
+from megatron_rlvr.batch import build_batch, micro_batches, pack, sequences_of
 from megatron_rlvr.config import Config, config_to_dict, data_parallel_size
 from megatron_rlvr.data.dataset import PromptDataset, PromptSampler
 from megatron_rlvr.eval import evaluate
 from megatron_rlvr.generation import ShapingConfig, generate_groups
 from megatron_rlvr.logging import MetricsLogger
 from megatron_rlvr.models.builder import DTYPES
-from megatron_rlvr.models.pipeline import cp_slice, sequence_length_multiple
+from megatron_rlvr.models.pipeline import local_tokens, sequence_length_multiple
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
+from megatron_rlvr.partition import fixed_plan, padded_length, token_budget_plan
 from megatron_rlvr.policy import OptimConfig, Policy
 from megatron_rlvr.rewards.pool import RewardPool
 from megatron_rlvr.rollout.base import SamplingParams
@@ -118,7 +123,11 @@ class Trainer:
             temperature=r.temperature, clip_ratio_low=a.clip_ratio_low,
             clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c,
             loss_agg_mode=a.loss_agg_mode, ratio=a.entropy_top_ratio, scope=a.entropy_top_scope,
-            norm=a.entropy_loss_norm, select=a.entropy_select)
+            norm=a.entropy_loss_norm, select=a.entropy_select,
+            # Colocated, synchronous rollouts: vLLM samples with the old policy's weights.
+            correction=(a.rollout_correction.level, a.rollout_correction.method,
+                        a.rollout_correction.cap)
+            if a.rollout_correction.active(off_policy=False) else None)
         self.shaping = ShapingConfig(enable=a.overlong_buffer_enable,
                                      max_response_length=r.max_response_length,
                                      buffer_len=a.overlong_buffer_len,
@@ -202,17 +211,16 @@ class Trainer:
         t_rollout = time.time() - t0
 
         t1 = time.time()
-        m = self.cfg.rollout.n
-        p = self.cfg.parallel
-        batch = build_batch(groups, pad_id=self.pad_id, length_multiple=sequence_length_multiple(
-            tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel))
-        mini = self.cfg.trainer.ppo_mini_batch_size * m
-        mini_batches = [micro_batches(batch, i, i + mini, dp_rank=self.dp_rank, dp=self.dp,
-                                      micro_batch_size=self.cfg.trainer.micro_batch_size,
-                                      device=platform.device())
-                        for i in range(0, batch["input_ids"].shape[0], mini)]
-        old_stats = self._old_pass(mini_batches)
-        update_stats = self._update(mini_batches, old_stats.pop("entropies"))
+        mini_batches, layout_stats = self._micro_batches(groups)
+        old_stats = self._old_pass(mini_batches) \
+            if self._old_pass_needed(len(mini_batches)) else None
+        update_stats = self._update(mini_batches, old_stats.pop("entropies") if old_stats else None)
+        # The old policy's entropy and mismatch: the old pass's, or the update's own when it was
+        # skipped (the same policy then).
+        own = {k: update_stats.pop(k) for k in ("entropy/mean", "rollout/logprob_mismatch_mean",
+                                                "rollout/logprob_mismatch_max")}
+        old_stats = old_stats or own
+        update_stats.update(layout_stats)
         t_train = time.time() - t1
 
         t2 = time.time()
@@ -246,6 +254,44 @@ class Trainer:
             "timing/rollout_s": t_rollout, "timing/train_s": t_train,
             "timing/weight_sync_s": t_sync, "timing/step_s": time.time() - t0,
         }
+
+    def _micro_batches(self, groups) -> tuple[list[list[dict]], dict]:
+        """This rank's micro-batches of every mini-batch (on the device), and what the layout
+        costs: tokens through the model over all data-parallel ranks, and the padding share."""
+        t, p = self.cfg.trainer, self.cfg.parallel
+        multiple = sequence_length_multiple(tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel)
+        mini = t.ppo_mini_batch_size * self.cfg.rollout.n
+        seqs = sequences_of(groups)
+        real = sum(len(q) for q in seqs)
+        if not t.packing:
+            batch = build_batch(groups, pad_id=self.pad_id, length_multiple=multiple)
+            out = [micro_batches(batch, i, i + mini, dp_rank=self.dp_rank, dp=self.dp,
+                                 micro_batch_size=t.micro_batch_size, device=platform.device())
+                   for i in range(0, len(seqs), mini)]
+            through = batch["input_ids"].numel()
+            return out, {"batch/tokens": float(through), "batch/pad_fraction": 1 - real / through}
+        out, through = [], 0
+        for start in range(0, len(seqs), mini):
+            chunk = seqs[start:start + mini]
+            lengths = [padded_length(len(q), multiple) for q in chunk]
+            if t.max_tokens_per_micro_batch > 0:
+                plan = token_budget_plan(lengths, dp=self.dp, max_tokens=t.max_tokens_per_micro_batch,
+                                         hidden_size=self.policy.spec.hidden_size)
+            else:
+                plan = fixed_plan(len(chunk), dp=self.dp, micro_batch_size=t.micro_batch_size)
+            # An empty micro-batch still runs one padding sequence of `multiple` tokens.
+            through += sum(sum(lengths[i] for i in mb) or multiple for rank in plan for mb in rank)
+            out.append([pack([chunk[i] for i in mb], length_multiple=multiple)
+                        for mb in plan[self.dp_rank]])
+        return out, {"batch/tokens": float(through), "batch/pad_fraction": 1 - real / through}
+
+    def _old_pass_needed(self, n_mini_batches: int) -> bool:
+        """False when the old policy is the one the (single) update runs with and nothing must be
+        known before the update: the loss then takes the update's detached log-probs as the old
+        ones (ratio 1, as an old pass would give) and reports the entropy and mismatch itself."""
+        a = self.cfg.algorithm
+        selects_first = a.entropy_top_scope == "global" and a.entropy_top_ratio < 1.0
+        return n_mini_batches > 1 or selects_first
 
     def _lr(self) -> float:
         """Linear warm-up over lr_warmup_steps RL steps (step 1 gets lr/W), then constant."""
@@ -281,10 +327,11 @@ class Trainer:
             outs = self.policy.forward(mbs, partial(token_stats, s=s))
             ents = []
             for mb, out in zip(mbs, outs):
-                mask = cp_slice(mb["response_mask"])
+                mask = local_tokens(mb, mb["response_mask"])
                 mb["old_logprobs_local"] = out["logprobs"]
                 ents.append(out["entropy"])
-                diff = (out["logprobs"] - cp_slice(mb["rollout_logprobs"])).abs()[mask].double()
+                diff = (out["logprobs"] - local_tokens(mb, mb["rollout_logprobs"])).abs()[mask]
+                diff = diff.double()
                 sums += torch.stack([out["entropy"][mask].double().sum(), mask.sum().double(),
                                      diff.sum()])
                 if diff.numel():
@@ -301,18 +348,20 @@ class Trainer:
     def _update(self, mini_batches, old_entropies) -> dict:
         s = self.loss_settings
         names = ("kept_count", "response_count", "tokens_count", "clip_high_count",
-                 "clip_low_count", "dual_clip_count", "ratio_sum", "approx_kl_sum")
+                 "clip_low_count", "dual_clip_count", "ratio_sum", "approx_kl_sum",
+                 "entropy_sum", "mismatch_sum") + (METRIC_KEYS if s.correction else ())
         dev = platform.device()
         sums = torch.zeros(len(names), dtype=torch.float64, device=dev)
         # Per mini-batch, the lowest entropy that received gradient (τ in the global scope).
         lowest_kept = torch.full((len(mini_batches),), float("inf"), dtype=torch.float64,
                                  device=dev)
+        mismatch_max = torch.full((1,), float("-inf"), dtype=torch.float64, device=dev)
         losses, norms, skipped = [], [], 0
         for i, mbs in enumerate(mini_batches):
             gen = selection_generator(self.cfg.trainer.seed, self.step, i)
             # The policy before mini-batch 0 is the old policy: its entropies are known.
             select_mini_batch(self.policy, mbs, s, gen,
-                              entropies=old_entropies[i] if i == 0 else None)
+                              entropies=old_entropies[i] if i == 0 and old_entropies else None)
             result = self.policy.train_step(mbs, partial(dapo_loss, s=s, generator=gen))
             if result.skipped:
                 skipped += 1
@@ -332,12 +381,21 @@ class Trainer:
             for log in result.logs:
                 sums += torch.stack([torch.as_tensor(log[k], device=dev).double() for k in names])
                 lowest_kept[i] = torch.minimum(lowest_kept[i], log["kept_entropy_min"].double())
+                mismatch_max = torch.maximum(mismatch_max, log["mismatch_max"].reshape(1))
         sums = _batch_ranks_only(sums, dist.ReduceOp.SUM)
+        mismatch_max = _batch_ranks_only(mismatch_max, dist.ReduceOp.MAX)
         lowest_kept = -_batch_ranks_only(-lowest_kept, dist.ReduceOp.MAX)
         lowest_kept = lowest_kept[torch.isfinite(lowest_kept)]
         v = dict(zip(names, sums.tolist()))
         tokens = max(v["tokens_count"], 1.0)
+        responses = max(v["response_count"], 1.0)
+        correction = finalize_metrics(v) if s.correction else {}
         return {
+            **correction,
+            # The update's own view (the old pass's when it is skipped; see train_step).
+            "entropy/mean": v["entropy_sum"] / responses,
+            "rollout/logprob_mismatch_mean": v["mismatch_sum"] / responses,
+            "rollout/logprob_mismatch_max": mismatch_max.item(),
             "loss/pg": sum(losses) / len(losses) if losses else float("nan"),
             "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
             "tokens/kept_fraction": v["kept_count"] / max(v["response_count"], 1.0),

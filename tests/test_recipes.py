@@ -89,11 +89,15 @@ def test_dry_run_prints_layout_and_torchrun_command(script):
      "world size 128 is not divisible by parallel.tp * pp * cp = 24"),
     ("run_qwen3_32b_top20.sh", ["parallel.tp=2", "parallel.pp=3"], {"GPUS_PER_NODE": "6"},
      "num_hidden_layers=64 is not divisible by pp=3"),
-    ("run_qwen3_14b_dapo.sh", ["trainer.micro_batch_size=3"], {},
+    ("run_qwen3_14b_dapo.sh", ["trainer.max_tokens_per_micro_batch=0",
+                               "trainer.micro_batch_size=3"], {},
      "cannot be split into micro-batches of trainer.micro_batch_size = 3"),
+    ("run_qwen3_14b_dapo.sh", ["trainer.max_tokens_per_micro_batch=16384"], {},
+     "max_tokens_per_micro_batch (16384) must hold the longest sequence"),
     ("run_qwen3_14b_dapo.sh", ["rollout.vllm_tp=8"], {"GPUS_PER_NODE": "4"},
      "vllm_tp=8 spans nodes (gpus_per_node=4)"),
-    ("run_qwen3_32b_top20.sh", [], {"NNODES": "3"},
+    # Fixed-size micro-batches need whole shares per DP rank (a token budget does not).
+    ("run_qwen3_32b_top20.sh", ["trainer.max_tokens_per_micro_batch=0"], {"NNODES": "3"},
      "a mini-batch of trainer.ppo_mini_batch_size * rollout.n = 512 sequences cannot be split"),
     ("run_qwen3_14b_dapo.sh", [], {"NODE_RANK": "16"}, "NODE_RANK=16 must be < NNODES=16"),
     ("run_qwen3_14b_dapo.sh", [], {"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE='eight'"),
@@ -152,7 +156,13 @@ def test_plan_reads_the_recipe(script, capsys):
     tp, pp, cp, dp = map(int, re.findall(r"\d+", layout))
     row = out.splitlines()[2].split()
     assert row[:4] == [str(tp), str(pp), str(cp), str(dp)]
-    assert "sequences of 22528 tokens" in out and "32 micro-batches per DP rank" in out
+    # The recipes' token budgets: the most full-length (22,528-token) sequences a micro-batch can
+    # hold, 32 sequences per DP rank per optimizer step.
+    budget = load_config(str(EXAMPLES / "configs" / config)).trainer.max_tokens_per_micro_batch
+    assert budget >= 22528
+    expected = -(-32 // (budget // 22528))
+    assert "sequences of 22528 tokens" in out and f"micro-batch of {budget} tokens" in out
+    assert f"{expected} micro-batches per DP rank" in out
     assert planner.main(argv + ["--gpu-memory-gib", "40"]) == 1     # too small: suggestions
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "layouts that fit:" in out

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr.algos.policy_loss import compute_policy_loss, sequence_sums
+from megatron_rlvr.algos.rollout_correction import compute_rollout_correction
 from megatron_rlvr.models.pipeline import local_tokens
 from megatron_rlvr.ops.entropy import logprobs_and_entropy
 from megatron_rlvr.ops.quantile import top_ratio_mask
@@ -48,6 +49,9 @@ class LossSettings:
     scope: str            # micro_batch | global
     norm: str             # kept_tokens | all_tokens
     select: str           # top | bottom | random
+    # Train/inference mismatch correction (algos/rollout_correction.py): (level, method, cap)
+    # when active, else None.
+    correction: tuple[str, str, float] | None = None
 
 
 def _groups():
@@ -135,11 +139,25 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
     logp, ent = logprobs_and_entropy(logits, labels, temperature=s.temperature, tp_group=tp_group)
     # On-policy single-update steps skip the old pass (trainer): the old policy is this one.
     old = mb["old_logprobs_local"] if "old_logprobs_local" in mb else logp.detach()
+    # vLLM's log-probs (absent in hand-made micro-batches: no mismatch statistics then).
+    rollout = local_tokens(mb, mb["rollout_logprobs"]) if "rollout_logprobs" in mb \
+        else logp.detach()
     if s.scope == "global" or s.ratio >= 1.0:
         keep = mb["keep_local"] if s.ratio < 1.0 else response
     else:
         keep = choose_tokens(ent.detach(), response, s, cp_group, generator)
     count_mask = keep if s.norm == "kept_tokens" else response
+    weights, corr_logs, dropped_seqs = None, {}, None
+    if s.correction is not None:
+        level, method, cap = s.correction
+        corr = compute_rollout_correction(old, rollout, response, level=level, method=method,
+                                          cap=cap, seq_index=seq_index, num_seqs=num_segments,
+                                          cp_group=cp_group)
+        # Dropped (MIS) tokens leave the loss and its denominator alike.
+        keep, count_mask, weights = keep & corr.mask, count_mask & corr.mask, corr.weights
+        corr_logs = corr.metrics
+        if corr.seq_kept is not None:
+            dropped_seqs = (~corr.seq_kept).sum()
     lead = cp_rank == 0  # count each sequence / micro-batch once over its context-parallel ranks
     per_micro_batch = s.scope == "micro_batch" and s.ratio < 1.0 and s.loss_agg_mode == "token-mean"
 
@@ -151,12 +169,14 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
         logp, old, advantages, keep, clip_ratio_low=s.clip_ratio_low,
         clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
         loss_agg_mode=s.loss_agg_mode, denominator=1.0, seq_token_counts=seq_counts,
-        seq_index=seq_index, num_seqs=num_segments)
+        seq_index=seq_index, num_seqs=num_segments, weights=weights)
     # Counts stay on the device: Megatron all-reduces the denominators over data-parallel ranks.
     if token_mean:
         count = count_mask.sum(dtype=torch.int64)
     else:
         count = torch.tensor(sequences if lead else 0, dtype=torch.int64, device=logits.device)
+        if dropped_seqs is not None and lead:  # sequences MIS dropped leave the denominator
+            count = count - dropped_seqs
     if per_micro_batch:
         # The seed code: the micro-batch's masked mean, weighted by its sequences; Megatron then
         # divides by the mini-batch's sequences (the summed denominators).
@@ -172,7 +192,12 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
             "numerator": total.detach(), "denominator": denominator,
             "kept_count": keep.sum(), "response_count": response.sum(),
             "kept_entropy_min": kept_ent.min() if keep.any() else ent.new_tensor(float("inf")),
-            **metrics,
+            # The policy's own statistics (the trainer reports them when the old pass is skipped).
+            "entropy_sum": (ent.double() * response).sum(),
+            "mismatch_sum": ((logp.detach() - rollout).abs().double() * response).sum(),
+            "mismatch_max": (logp.detach() - rollout).abs().masked_fill(~response, 0).max()
+            .double() if response.numel() else ent.new_tensor(0.0, dtype=torch.float64),
+            **metrics, **corr_logs,
         }
     return total, denominator, logs
 

@@ -79,13 +79,16 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                         loss_agg_mode: LossAggMode = "token-mean",
                         denominator: float | torch.Tensor | None = None,
                         seq_token_counts: torch.Tensor | None = None,
-                        seq_index: torch.Tensor | None = None, num_seqs: int | None = None
+                        seq_index: torch.Tensor | None = None, num_seqs: int | None = None,
+                        weights: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (scalar, differentiable w.r.t. `logprobs`) and metrics; all inputs [B, T] (packed
     micro-batches: [1, T] with `seq_index`/`num_seqs`, see `aggregate_loss`).
 
     `loss_mask` marks the tokens that receive gradient (response tokens, and under entropy
-    selection only the kept ones). Metrics are detached sums/counts/maxima over those tokens, so
+    selection only the kept ones). `weights` (detached, optional): per-token importance weights of
+    the train/inference mismatch correction (algos/rollout_correction.py), applied to each token's
+    loss after the clipping. Metrics are detached sums/counts/maxima over those tokens, so
     the trainer can reduce them exactly across micro-batches and ranks: keys ending in `_sum` or
     `_count` with SUM, `_max` with MAX; divide by `tokens_count` afterwards for fractions/means:
         tokens_count          tokens in the mask
@@ -104,6 +107,8 @@ def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     dual = -advantages * clip_ratio_c
     negative = advantages < 0
     token_loss = torch.where(negative, torch.minimum(clipped, dual), clipped)
+    if weights is not None:
+        token_loss = token_loss * weights
     loss = aggregate_loss(token_loss, loss_mask, loss_agg_mode, denominator, seq_token_counts,
                           seq_index, num_seqs)
 
