@@ -1,5 +1,7 @@
 """Run under torchrun: a non-finite loss, or a finite loss with a non-finite gradient, skips the
-optimizer step and leaves every weight as it was; training goes on afterwards.
+optimizer step and leaves every weight as it was; training goes on afterwards. Then the trainer's
+update loop (`Trainer._update`, with the real policy and `dapo_loss`) stops with TrainingAborted
+after trainer.max_nonfinite_steps skipped steps in a row, and a finite step resets the count.
 
     torchrun --nproc_per_node=N tests/dist/nonfinite_step.py --tp T HF_DIR
 """
@@ -63,7 +65,54 @@ def main():
     assert all(p.isfinite().all() for p in policy.model[0].parameters()), "a non-finite weight"
     changed = sum(not torch.equal(p, before[n]) for n, p in policy.model[0].named_parameters())
     assert changed > 0, "a finite step changed nothing"
+    aborts_after_max_nonfinite_steps(policy, spec, dev)
     destroy_distributed()
+
+
+def aborts_after_max_nonfinite_steps(policy, spec, dev):
+    """The trainer's update loop on this policy. The Trainer is made without its constructor (no
+    vLLM engine, data or reward workers: `_update` uses none of them); its policy, config and loss
+    settings are the real ones. A mini-batch with NaN advantages has a NaN loss."""
+    from megatron_rlvr.algos.high_entropy import LossSettings
+    from megatron_rlvr.config import Config
+    from megatron_rlvr.trainer import Trainer, TrainingAborted
+
+    cfg = Config()
+    cfg.trainer.max_nonfinite_steps = 2
+    a = cfg.algorithm
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.policy, trainer.step, trainer.rank = cfg, policy, 1, 0
+    trainer.nonfinite_in_row = 0
+    trainer.loss_settings = LossSettings(
+        temperature=1.0, clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
+        clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode, ratio=1.0,
+        scope="global", norm="kept_tokens", select="top")
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, spec.vocab_size, (2, 16), generator=g)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 5:15] = True
+
+    def mini_batch(advantage):
+        mb = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "response_mask": mask,
+              "advantages": torch.full((2, 16), advantage), "rollout_logprobs": torch.zeros(2, 16),
+              "num_sequences": 2}
+        return [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in mb.items()}]
+
+    nan, good = float("nan"), 1.0
+    stats = trainer._update([mini_batch(nan)], None)  # 1 in a row: skipped, go on
+    assert stats["actor/skipped_updates"] == 1.0 and trainer.nonfinite_in_row == 1, stats
+    stats = trainer._update([mini_batch(good)], None)  # a finite step resets the count
+    assert stats["actor/skipped_updates"] == 0.0 and trainer.nonfinite_in_row == 0, stats
+    trainer._update([mini_batch(nan)], None)
+    try:
+        trainer._update([mini_batch(nan)], None)  # the second in a row: stop
+    except TrainingAborted as e:
+        assert "2 optimizer steps in a row" in str(e) and "max_nonfinite_steps" in str(e), e
+    else:
+        raise AssertionError("no TrainingAborted after max_nonfinite_steps non-finite steps")
+    if torch.distributed.get_rank() == 0:
+        print("ok TrainingAborted after 2 non-finite steps in a row", flush=True)
 
 
 if __name__ == "__main__":
