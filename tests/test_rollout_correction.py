@@ -397,3 +397,64 @@ def test_config_yaml_typo_in_group(tmp_path):
     with pytest.raises(ConfigError, match="unknown field algorithm.rollout_correction.methd; "
                                           "did you mean 'method'"):
         load_config(str(path), REQUIRED)
+
+
+# ----------------------------------------------------------------------------- in the loss
+# The loss the trainer calls (`dapo_loss`) with the correction on, against a float64 formula:
+# per-token PPO loss x the importance weight, dropped tokens/sequences out of numerator and count.
+
+@pytest.fixture(scope="module")
+def one_rank():
+    from megatron_rlvr.parallel import destroy_distributed, init_distributed
+    init_distributed()
+    yield
+    destroy_distributed()
+
+
+@pytest.mark.parametrize("level,method,mode", [
+    ("token", "truncate", "token-mean"), ("token", "mask", "token-mean"),
+    ("sequence", "mask", "token-mean"), ("sequence", "mask", "seq-mean-token-mean"),
+    ("geometric", "truncate", "seq-mean-token-sum")])
+def test_dapo_loss_applies_the_correction(one_rank, level, method, mode):
+    from dapo_reference import C, EPS_HIGH, EPS_LOW, N, T, make_inputs, reference_stats, token_loss
+    from megatron_rlvr.algos.high_entropy import LossSettings, dapo_loss
+
+    cap = 1.5
+    inp = make_inputs(0)
+    mask = inp["response_mask"]
+    s = LossSettings(temperature=T, clip_ratio_low=EPS_LOW, clip_ratio_high=EPS_HIGH,
+                     clip_ratio_c=C, loss_agg_mode=mode, ratio=1.0, scope="global",
+                     norm="kept_tokens", select="top", correction=(level, method, cap))
+    mb = {"labels": inp["labels"], "response_mask": mask, "advantages": inp["advantages"],
+          "old_logprobs_local": inp["old_logprobs"], "rollout_logprobs": inp["rollout_logprobs"]}
+    num, den, logs = dapo_loss(mb, inp["logits"], s)
+    got = (num / den).item()
+
+    # Reference, float64, written from the definitions.
+    logp, _ = reference_stats(inp["logits"], inp["labels"])
+    pg = token_loss(logp, inp["old_logprobs"].double(), inp["advantages"].double())
+    log_w = (inp["old_logprobs"].double() - inp["rollout_logprobs"].double()) * mask
+    if level == "token":
+        w = log_w.exp()
+    else:
+        per_seq = log_w.sum(-1) if level == "sequence" else log_w.sum(-1) / mask.sum(-1)
+        w = per_seq.exp()[:, None].expand_as(log_w)
+    if method == "truncate":
+        keep, weight = mask, torch.clamp(w, max=cap)
+    else:
+        keep, weight = mask & (w >= 1 / cap) & (w <= cap), w
+    assert 0 < int(keep.sum()) < int(mask.sum()) or method == "truncate"
+    kept = pg * weight * keep
+    if mode == "token-mean":
+        want = kept.sum() / keep.sum()
+    else:
+        alive = keep.any(-1) if method == "mask" and level != "token" else torch.ones(N, dtype=bool)
+        per_seq = kept.sum(-1) if mode == "seq-mean-token-sum" \
+            else kept.sum(-1) / keep.sum(-1).clamp(min=1)
+        want = per_seq.sum() / alive.sum()
+    assert got == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    # The metrics the trainer reports, from the same definitions.
+    assert logs["corr_tokens_count"].item() == mask.sum().item()
+    assert logs["corr_kept_count"].item() == keep.sum().item()
+    if method == "truncate":
+        assert logs["corr_clipped_count"].item() == ((w > cap) & mask).sum().item()
