@@ -35,9 +35,12 @@ def make_inputs(seed: int = 0) -> dict:
     logp, ent = reference_stats(logits, labels)
     # Ratios exp(noise) in [e^-1.6, e^1.6]: some beyond 1 + eps_high, below 1 - eps_low, above c.
     noise = (torch.rand(N, S, generator=g, dtype=torch.float64) - 0.5) * 3.2
+    # vLLM's log-probs: the policy's plus a small mismatch of either sign.
+    mismatch = (torch.rand(N, S, generator=g, dtype=torch.float64) - 0.5) * 0.02
     return {"logits": logits, "labels": labels, "response_mask": response,
             "advantages": torch.tensor(ADVANTAGES)[:, None].expand(N, S).contiguous(),
-            "old_logprobs": (logp - noise).float(), "entropy64": ent}
+            "old_logprobs": (logp - noise).float(), "rollout_logprobs": (logp + mismatch).float(),
+            "entropy64": ent}
 
 
 def reference_stats(logits: torch.Tensor, labels: torch.Tensor):

@@ -46,8 +46,8 @@ def run_trainer_path(inp, s, seed=SEED):
     w.r.t. the logits [N, S, V], the per-micro-batch logs and the micro-batches."""
     rows = [slice(j, j + MBS) for j in range(0, N, MBS)]
     mbs = [{"labels": inp["labels"][r], "response_mask": inp["response_mask"][r],
-            "advantages": inp["advantages"][r], "old_logprobs_local": inp["old_logprobs"][r]}
-           for r in rows]
+            "advantages": inp["advantages"][r], "old_logprobs_local": inp["old_logprobs"][r],
+            "rollout_logprobs": inp["rollout_logprobs"][r]} for r in rows]
     leaves = [inp["logits"][r].clone().requires_grad_() for r in rows]
     gen = torch.Generator().manual_seed(seed)
     ents = [token_stats(mb, x.detach(), s)["entropy"] for mb, x in zip(mbs, leaves)]
@@ -102,6 +102,13 @@ def test_dapo_loss_equals_float64_reference(one_rank, inputs, ratio, scope, norm
         rows = slice(j * MBS, (j + 1) * MBS)
         assert int(log["kept_count"]) == int(keep[rows].sum())
         assert int(log["response_count"]) == int(mask[rows].sum())
+        if "entropy_sum" in log:  # the policy's own entropy and vLLM mismatch, over responses
+            logp, _ = reference_stats(inputs["logits"], inputs["labels"])
+            m = mask[rows]
+            assert log["entropy_sum"].item() == pytest.approx(ent[rows][m].sum().item(), rel=1e-6)
+            diff = (logp[rows] - inputs["rollout_logprobs"][rows].double()).abs()[m]
+            assert log["mismatch_sum"].item() == pytest.approx(diff.sum().item(), rel=1e-4)
+            assert log["mismatch_max"].item() == pytest.approx(diff.max().item(), rel=1e-4)
         if keep[rows].any():  # the lowest kept entropy: what entropy/threshold reports
             assert log["kept_entropy_min"].item() == pytest.approx(
                 ent[rows][keep[rows]].min().item(), rel=1e-5)

@@ -68,7 +68,8 @@ def check_context_parallel() -> int:
         # rank's old log-probs and logits.
         mbs = [{"labels": inp["labels"][r].to(dev), "response_mask": inp["response_mask"][r].to(dev),
                 "advantages": inp["advantages"][r].to(dev),
-                "old_logprobs_local": inp["old_logprobs"][r][:, cols].to(dev)} for r in rows]
+                "old_logprobs_local": inp["old_logprobs"][r][:, cols].to(dev),
+                "rollout_logprobs": inp["rollout_logprobs"][r].to(dev)} for r in rows]
         leaves = [inp["logits"][r][:, cols].to(dev).requires_grad_() for r in rows]
         gen = platform.generator(SEED + rank)
         ents = [token_stats(mb, x.detach(), s)["entropy"] for mb, x in zip(mbs, leaves)]
