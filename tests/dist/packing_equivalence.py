@@ -10,7 +10,9 @@ lengths) is run from the same initial weights in three layouts:
 For entropy_top_scope global and micro_batch, ρ = 0.2 and 1.0 (packed-budget only where the
 objective does not depend on which sequences share a micro-batch: global scope, or ρ = 1), the
 loss, the gradient norm, the selection counts and the PPO metrics, and every weight after the step
-(gathered as full HF tensors) must equal the padded run's to 1e-6.
+(gathered as full HF tensors) must equal the padded run's to 1e-6. Where the selection needs no
+entropies before the update (micro_batch scope, or ρ = 1), a packed update without an old pass
+(the trainer's on-policy shortcut) must equal one with an exact old pass.
 
 The optimizer is Adam with eps = 1e-3: its first step is then lr·g/(|g| + eps), Lipschitz in the
 gradient, so equal weights mean equal gradients (with eps = 1e-8 a gradient of ±1e-12 noise would
@@ -101,16 +103,21 @@ def threshold_gap(mbs, outs):
                                      lo.item(), hi.item())
 
 
-def run(args, spec, mbs, s: LossSettings) -> dict:
+def run(args, spec, mbs, s: LossSettings, old_pass: str = "noisy") -> dict:
+    """old_pass: "noisy" = old log-probs from a forward pass plus per-token noise (ratios cross
+    the clip bounds); "exact" = from a forward pass; "skip" = none: the loss takes its own
+    detached log-probs (the trainer's on-policy shortcut)."""
     policy = Policy(spec, args.hf_dir, dtype=torch.float32, sequence_parallel=args.sp,
                     optim=OptimConfig(lr=1e-3, weight_decay=0.0, adam_eps=1e-3, grad_clip=1e6))
     from megatron.core import parallel_state as ps
-    outs = policy.forward(mbs, partial(token_stats, s=s))
-    for mb, out in zip(mbs, outs):
-        mb["old_logprobs_local"] = out["logprobs"] + local_tokens(mb, mb["rollout_logprobs"])
-    select_mini_batch(policy, mbs, s, None, entropies=[o["entropy"] for o in outs])
-    if s.scope == "global" and s.ratio < 1:
-        threshold_gap(mbs, outs)
+    if old_pass != "skip":
+        outs = policy.forward(mbs, partial(token_stats, s=s))
+        for mb, out in zip(mbs, outs):
+            noise = local_tokens(mb, mb["rollout_logprobs"]) if old_pass == "noisy" else 0.0
+            mb["old_logprobs_local"] = out["logprobs"] + noise
+        select_mini_batch(policy, mbs, s, None, entropies=[o["entropy"] for o in outs])
+        if s.scope == "global" and s.ratio < 1:
+            threshold_gap(mbs, outs)
     result = policy.train_step(mbs, partial(dapo_loss, s=s))
     names = ("kept_count", "response_count", "tokens_count", "clip_high_count", "clip_low_count",
              "dual_clip_count", "ratio_sum", "approx_kl_sum")
@@ -142,8 +149,8 @@ def compare(name, ref, got, rank):
     assert worst <= 1e-6, (name, worst)
     assert moved > 1e-4, (name, "the step did not move the weights", moved)
     if rank == 0:
-        print(f"ok {name}: loss {got['loss']:.6f} (padded {ref['loss']:.6f}), weights within "
-              f"{worst:.1e} (step moved them {moved:.1e}), tokens {got['tokens']:.0f} vs padded "
+        print(f"ok {name}: loss {got['loss']:.6f} (reference {ref["loss"]:.6f}), weights within "
+              f"{worst:.1e} (step moved them {moved:.1e}), tokens {got["tokens"]:.0f} vs reference "
               f"{ref['tokens']:.0f}", flush=True)
 
 
@@ -180,6 +187,11 @@ def main():
             for name in names:
                 compare(f"{name} scope={scope} rho={ratio}", ref, run(args, spec, mbs[name], s),
                         rank)
+            if scope == "micro_batch" or ratio >= 1:
+                # No old pass (one on-policy update): the same step as with an exact old pass.
+                exact = run(args, spec, mbs["packed"], s, old_pass="exact")
+                compare(f"packed without old pass scope={scope} rho={ratio}", exact,
+                        run(args, spec, mbs["packed"], s, old_pass="skip"), rank)
     destroy_distributed()
 
 
