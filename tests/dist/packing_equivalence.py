@@ -149,8 +149,8 @@ def compare(name, ref, got, rank):
     assert worst <= 1e-6, (name, worst)
     assert moved > 1e-4, (name, "the step did not move the weights", moved)
     if rank == 0:
-        print(f"ok {name}: loss {got['loss']:.6f} (reference {ref["loss"]:.6f}), weights within "
-              f"{worst:.1e} (step moved them {moved:.1e}), tokens {got["tokens"]:.0f} vs reference "
+        print(f"ok {name}: loss {got['loss']:.6f} (reference {ref['loss']:.6f}), weights within "
+              f"{worst:.1e} (step moved them {moved:.1e}), tokens {got['tokens']:.0f} vs reference "
               f"{ref['tokens']:.0f}", flush=True)
 
 
