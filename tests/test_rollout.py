@@ -158,6 +158,38 @@ def test_update_weights_follows_successive_syncs(engine, hf):
 
 
 @pytest.mark.slow
+def test_update_weights_in_buckets_of_several_layers(engine, hf):
+    """The fixture's 0.1 MB buckets are smaller than any layer (one layer per bucket). Here a
+    bucket holds about 2.5 layers: it gathers several whole layers, flushes in mid-stream, and the
+    engine then serves exactly model B (also from a scrambled stream), then A again."""
+    import dataclasses
+
+    prompts = prompts_for(count=2)
+    ref_b = [hf_greedy(hf["B"], p, 16) for p in prompts]
+    state = hf_state(hf["B"])
+    layer_bytes = {}
+    for name, t in state:  # bytes per decoder layer, from the names (model.layers.<i>.*)
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            layer_bytes[i] = layer_bytes.get(i, 0) + t.numel() * t.element_size()
+    layers = len(layer_bytes)
+    assert layers >= 4 and len(set(layer_bytes.values())) == 1
+    saved = engine.config
+    engine.config = dataclasses.replace(saved, bucket_mb=2.5 * layer_bytes[0] / 2**20)
+    try:
+        for stream in (state, sorted(state, key=lambda kv: kv[0][::-1])):
+            stats = engine.update_weights(stream)
+            # >= 2: a flush before the stream ended; < layers: some bucket held several layers.
+            assert 2 <= stats.buckets < layers, stats
+            assert stats.tensors == len(state)
+            assert greedy(engine, prompts) == ref_b
+    finally:
+        engine.config = saved
+        engine.update_weights(hf_state(hf["A"]))
+    assert greedy(engine, prompts) == [hf_greedy(hf["A"], p, 16) for p in prompts]
+
+
+@pytest.mark.slow
 def test_update_weights_rejects_bad_streams(engine, hf):
     prompts = prompts_for(count=2)
     before = greedy(engine, prompts)
