@@ -16,22 +16,24 @@ A user's mistake ends with one `convert: error: ...` line and exit code 2. Outpu
 are checked before anything heavy starts (megatron_rlvr/safety.py): never an input, inside one or
 containing one, never empty or the working/home/root directory, and `--overwrite` replaces only a
 directory megatron-rlvr wrote (every directory written here carries its marker).
+
+This module is the command line only: the export itself (`write_hf`, also the trainer's final
+export) lives in `megatron_rlvr.hf_export`, the import in `megatron_rlvr.models.convert`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import torch
 import torch.distributed as dist
 
 from megatron_rlvr import safety
+from megatron_rlvr.hf_export import DTYPES, write_hf  # noqa: F401  (write_hf: re-exported)
 from megatron_rlvr.models.hf_checkpoint import CheckpointError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARAM_DTYPES = ("float32", "bfloat16")  # what our Megatron model is built in
 
 
@@ -110,21 +112,6 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: int 
     return save_checkpoint(out_dir, [model], hf_dir=hf_dir, overwrite=overwrite)
 
 
-def _exported_config(src_hf_dir: str, out_dir: str, dtype_name: str) -> None:
-    """Copy config and tokenizer files; record the exported dtype in config.json."""
-    from megatron_rlvr.checkpoint import copy_hf_metadata
-
-    copy_hf_metadata(src_hf_dir, out_dir)
-    path = os.path.join(out_dir, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-    if any(cfg.get(k) != dtype_name for k in keys):
-        cfg.update({k: dtype_name for k in keys})
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=2)
-
-
 def mcore_to_hf(mcore_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1,
                 dtype: str | None = None, max_shard_bytes: int = 5 * 1024 ** 3,
                 overwrite: bool = False) -> str:
@@ -152,35 +139,6 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, cp: i
     load_checkpoint(mcore_dir, [model], spec=spec)
     return write_hf(model, spec, info["hf_dir"], out_dir, dtype=out_name,
                     max_shard_bytes=max_shard_bytes)
-
-
-def write_hf(model, spec, source_hf_dir: str, out_dir: str, *, dtype: str,
-             max_shard_bytes: int = 5 * 1024 ** 3) -> str:
-    """Stream this rank's model stage out as an HF checkpoint in `out_dir` (a collective; rank 0
-    writes, atomically). `source_hf_dir` provides config and tokenizer files. Also the trainer's
-    final export."""
-    from checkpoint_tools.hf_writer import plan_shards, write_sharded
-    from megatron_rlvr.checkpoint import INCOMPLETE_SUFFIX, replace_dir
-    from megatron_rlvr.models.convert import iter_hf_weights
-    from megatron_rlvr.models.families import family
-    from megatron_rlvr.models.mapping import hf_shapes
-
-    shapes = [(n, s) for rule in family(spec.family).rules(spec)
-              for n, s in zip(rule.hf, hf_shapes(spec, rule))]
-    shards = plan_shards(shapes, DTYPES[dtype], max_shard_bytes)
-    rank0 = dist.get_rank() == 0
-    tmp = os.path.abspath(out_dir) + INCOMPLETE_SUFFIX
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        safety.write_marker(tmp, "HF export")  # ours: --overwrite may replace it
-    stream = iter_hf_weights(model, spec, dtype=DTYPES[dtype])
-    write_sharded(stream, tmp, shards, write=rank0)
-    if rank0:
-        _exported_config(source_hf_dir, tmp, dtype)
-        replace_dir(tmp, os.path.abspath(out_dir))
-    dist.barrier()
-    return out_dir
 
 
 def run_dry_run(hf_config: str, layouts: list[tuple[int, int]]) -> bool:
