@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from megatron_rlvr.generation import Group, ShapingConfig, generate_groups
+from megatron_rlvr.generation import GroupSummary, ShapingConfig, generate_round
 from megatron_rlvr.rollout.base import SamplingParams
 
 
-def summarize(groups: list[Group], k: int, prefix: str = "val") -> dict[str, float]:
+def summarize(groups: list[GroupSummary], k: int, prefix: str = "val") -> dict[str, float]:
+    """avg@k / pass@k per data source from the groups' accuracies (summaries or whole `Group`s:
+    only `data_source` and `accuracy` are read)."""
     by_source: dict[str, list[list[float]]] = defaultdict(list)
     for g in groups:
         by_source[g.data_source].append(g.accuracy)
@@ -31,10 +33,11 @@ def evaluate(engine, dataset, *, n: int, temperature: float, top_p: float, max_t
                             seed=seed)
     no_shaping = ShapingConfig(enable=False, max_response_length=max_tokens, buffer_len=1,
                                penalty_factor=0.0)
-    groups = generate_groups(engine, dataset, list(range(len(dataset.records))), params,
-                             tokenizer=tokenizer, reward_pool=reward_pool, shaping=no_shaping,
-                             vllm_tp=vllm_tp)
-    return summarize(groups, n)
+    # Scores only: the summaries are all-gathered, the tokens stay on the ranks that scored them.
+    rnd = generate_round(engine, dataset, list(range(len(dataset.records))), params,
+                         tokenizer=tokenizer, reward_pool=reward_pool, shaping=no_shaping,
+                         vllm_tp=vllm_tp)
+    return summarize(rnd.summaries, n)
 
 
 def run(cfg) -> int:

@@ -3,7 +3,10 @@
 One step:
   1. rollout   every rank's vLLM engine samples n responses for its share of the prompts; rewards
                are scored in a process pool; DAPO dynamic sampling repeats rounds until
-               train_batch_size prompts have responses that disagree;
+               train_batch_size prompts have responses that disagree. Only the groups' summaries
+               (scores, lengths) are all-gathered; their tokens stay with the scoring rank until
+               the plan of the step is known, then go point to point to the data-parallel replica
+               that trains on them (generation.py, exchange.py);
   2. old pass  the policy computes log-probs (the PPO ratio's denominator) and entropies of the
                batch; vLLM's log-probs are compared with them (rollout/logprob_mismatch_*).
                Skipped when the step makes a single optimizer step whose selection needs no
@@ -33,17 +36,17 @@ from megatron_rlvr.algos.objective import describe_objective
 from megatron_rlvr.algos.high_entropy import (LossSettings, dapo_loss, select_mini_batch,
                                               token_stats)
 from megatron_rlvr.algos.rollout_correction import METRIC_KEYS, finalize_metrics
-from megatron_rlvr.batch import build_batch, micro_batches, pack, sequences_of
 from megatron_rlvr.config import Config, config_to_dict, data_parallel_size
 from megatron_rlvr.data.dataset import PromptDataset, PromptSampler
 from megatron_rlvr.eval import evaluate
-from megatron_rlvr.generation import ShapingConfig, generate_groups
+from megatron_rlvr.exchange import (build_micro_batches, data_parallel_ranks, exchange_payloads,
+                                    plan_step)
+from megatron_rlvr.generation import ShapingConfig, generate_round
 from megatron_rlvr.logging import MetricsLogger
 from megatron_rlvr.models.builder import DTYPES
 from megatron_rlvr.models.pipeline import local_tokens, sequence_length_multiple
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
-from megatron_rlvr.partition import fixed_plan, padded_length, token_budget_plan
 from megatron_rlvr.policy import OptimConfig, Policy
 from megatron_rlvr.rewards.pool import RewardPool
 from megatron_rlvr.rollout.base import SamplingParams
@@ -207,11 +210,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t0 = time.time()
         self.policy.set_lr(self._lr())
-        groups, generated, gen_stats = self._rollout()
+        groups, generated, gen_stats, local = self._rollout()
         t_rollout = time.time() - t0
 
         t1 = time.time()
-        mini_batches, layout_stats = self._micro_batches(groups)
+        mini_batches, layout_stats = self._micro_batches(groups, local)
+        del local  # this rank's payloads: in its micro-batches now, or sent to their trainers
         old_stats = self._old_pass(mini_batches) \
             if self._old_pass_needed(len(mini_batches)) else None
         update_stats = self._update(mini_batches, old_stats.pop("entropies") if old_stats else None)
@@ -234,7 +238,7 @@ class Trainer:
 
         acc = [a for g in generated for a in g.accuracy]
         rew = [x for g in generated for x in g.reward]
-        lengths = [len(r) for g in generated for r in g.responses]
+        lengths = [n for g in generated for n in g.response_lengths]
         return {
             "reward/mean": sum(rew) / len(rew),
             "reward/acc": sum(acc) / len(acc),
@@ -255,34 +259,25 @@ class Trainer:
             "timing/weight_sync_s": t_sync, "timing/step_s": time.time() - t0,
         }
 
-    def _micro_batches(self, groups) -> tuple[list[list[dict]], dict]:
+    def _micro_batches(self, groups, local) -> tuple[list[list[dict]], dict]:
         """This rank's micro-batches of every mini-batch (on the device), and what the layout
-        costs: tokens through the model over all data-parallel ranks, and the padding share."""
+        costs: tokens through the model over all data-parallel ranks, and the padding share.
+
+        `groups` are the step's summaries (the same on every rank), `local` the payloads this
+        rank owns: every rank computes the same plan from the summaries, then the tokens move
+        from their owners to the data-parallel replica that trains on them (exchange.py)."""
         t, p = self.cfg.trainer, self.cfg.parallel
         multiple = sequence_length_multiple(tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel)
-        mini = t.ppo_mini_batch_size * self.cfg.rollout.n
-        seqs = sequences_of(groups)
-        real = sum(len(q) for q in seqs)
-        if not t.packing:
-            batch = build_batch(groups, pad_id=self.pad_id, length_multiple=multiple)
-            out = [micro_batches(batch, i, i + mini, dp_rank=self.dp_rank, dp=self.dp,
-                                 micro_batch_size=t.micro_batch_size, device=platform.device())
-                   for i in range(0, len(seqs), mini)]
-            through = batch["input_ids"].numel()
-            return out, {"batch/tokens": float(through), "batch/pad_fraction": 1 - real / through}
-        out, through = [], 0
-        for start in range(0, len(seqs), mini):
-            chunk = seqs[start:start + mini]
-            lengths = [padded_length(len(q), multiple) for q in chunk]
-            if t.max_tokens_per_micro_batch > 0:
-                plan = token_budget_plan(lengths, dp=self.dp, max_tokens=t.max_tokens_per_micro_batch,
-                                         hidden_size=self.policy.spec.hidden_size)
-            else:
-                plan = fixed_plan(len(chunk), dp=self.dp, micro_batch_size=t.micro_batch_size)
-            # An empty micro-batch still runs one padding sequence of `multiple` tokens.
-            through += sum(sum(lengths[i] for i in mb) or multiple for rank in plan for mb in rank)
-            out.append([pack([chunk[i] for i in mb], length_multiple=multiple)
-                        for mb in plan[self.dp_rank]])
+        plan = plan_step(groups, dp=self.dp, mini_batch=t.ppo_mini_batch_size * self.cfg.rollout.n,
+                         packing=t.packing, micro_batch_size=t.micro_batch_size,
+                         max_tokens=t.max_tokens_per_micro_batch,
+                         hidden_size=self.policy.spec.hidden_size, multiple=multiple)
+        if getattr(self, "_dp_of_rank", None) is None:
+            self._dp_of_rank = data_parallel_ranks()
+        seqs, _ = exchange_payloads(plan, local, rank=self.rank, dp_of_rank=self._dp_of_rank)
+        out = build_micro_batches(plan, seqs, self.dp_rank, multiple=multiple, pad_id=self.pad_id,
+                                  micro_batch_size=t.micro_batch_size)
+        real, through = sum(plan.lengths), plan.tokens_through
         return out, {"batch/tokens": float(through), "batch/pad_fraction": 1 - real / through}
 
     def _old_pass_needed(self, n_mini_batches: int) -> bool:
@@ -300,21 +295,29 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- phases
     def _rollout(self):
+        """(the step's groups, every generated group, sampling stats, this rank's payloads):
+        summaries (the same on every rank) and the tokens of the chosen groups this rank owns."""
         r, t, a = self.cfg.rollout, self.cfg.trainer, self.cfg.algorithm
         acc = GroupAccumulator(t.train_batch_size, a.max_num_gen_batches, enabled=a.dynamic_sampling)
-        generated = []
+        generated, local = [], {}
         while not acc.full:
             indices = self.sampler.next_indices(t.gen_batch_size)
             params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p,
                                     max_tokens=r.max_response_length,
                                     seed=seed_for(t.seed, "rollout", self.step, acc.stats.rounds))
-            groups = generate_groups(self.engine, self.train_set, indices, params,
-                                     tokenizer=self.tokenizer, reward_pool=self.rewards,
-                                     shaping=self.shaping, vllm_tp=r.vllm_tp)
-            generated += groups
-            acc.add(groups, [g.accuracy for g in groups])
+            rnd = generate_round(self.engine, self.train_set, indices, params,
+                                 tokenizer=self.tokenizer, reward_pool=self.rewards,
+                                 shaping=self.shaping, vllm_tp=r.vllm_tp,
+                                 round_index=acc.stats.rounds)
+            generated += rnd.summaries
+            acc.add(rnd.summaries, [g.accuracy for g in rnd.summaries])
+            # Keep only the tokens of groups that may still train (dynamic sampling drops the rest).
+            kept = {g.key for g in acc.kept}
+            local.update((k, g) for k, g in rnd.local.items() if k in kept)
         self.engine.sleep()
-        return acc.take(), generated, acc.stats
+        chosen = acc.take()
+        keys = {g.key for g in chosen}
+        return chosen, generated, acc.stats, {k: g for k, g in local.items() if k in keys}
 
     def _old_pass(self, mini_batches) -> dict:
         """Log-probs and entropies of the policy that generated the batch (before any update)."""

@@ -35,8 +35,10 @@ class SamplingStats:
 class GroupAccumulator(Generic[Group]):
     """Collects informative groups over generation rounds for one RL step.
 
-    `groups` are opaque to this class (the trainer's per-prompt rollout records); only their
-    scores decide. With `enabled=False` every group is kept (plain GRPO), through the same code.
+    `groups` are opaque to this class (the trainer passes `generation.GroupSummary`s: scores and
+    lengths without tokens, the same on every rank, so every rank keeps the same groups); only
+    their scores decide. With `enabled=False` every group is kept (plain GRPO), through the same
+    code.
     """
 
     def __init__(self, train_batch_size: int, max_rounds: int, enabled: bool = True):
@@ -45,6 +47,11 @@ class GroupAccumulator(Generic[Group]):
         self.enabled = enabled
         self.stats = SamplingStats()
         self._kept: list[Group] = []
+
+    @property
+    def kept(self) -> tuple[Group, ...]:
+        """The groups kept so far, in generation order (the trainer drops the tokens of the rest)."""
+        return tuple(self._kept)
 
     @property
     def full(self) -> bool:

@@ -2,7 +2,7 @@
 check needs and the trainer does not report. Rank 0 writes <logging.output_dir>/probe/step_NNNNNN.json
 after every RL step with:
   groups     the step's training groups (prompt ids, response ids, vLLM's log-probs, rewards,
-             accuracies), as `Trainer._rollout` returned them;
+             accuracies) of the groups `Trainer._rollout` chose, gathered from the ranks that hold them;
   optimizer  each optimizer param group's `lr` and `weight_decay` as the optimizer holds them
              during the step (not the trainer's own `lr` metric).
 Nothing the trainer computes is changed: the wrappers call the originals and copy their results.
@@ -17,16 +17,20 @@ import torch.distributed as dist
 
 from megatron_rlvr import trainer
 from megatron_rlvr.__main__ import main
+from megatron_rlvr.generation import gather_groups
 
 _rollout, _train_step = trainer.Trainer._rollout, trainer.Trainer.train_step
 
 
 def _recording_rollout(self):
-    groups, generated, stats = _rollout(self)
+    result = _rollout(self)
+    # The trainer keeps each group's tokens on the rank that scored it; the probe gathers them all
+    # (the old all-gather, fine for a test run).
+    groups = gather_groups(result[0], result[3])
     self._probe_groups = [{"prompt_ids": list(g.prompt_ids), "responses": [list(r) for r in g.responses],
                            "rollout_logprobs": [list(lp) for lp in g.rollout_logprobs],
                            "reward": list(g.reward), "accuracy": list(g.accuracy)} for g in groups]
-    return groups, generated, stats
+    return result
 
 
 def _recording_train_step(self):
