@@ -197,7 +197,7 @@ class Trainer:
             if self._due(self.cfg.checkpoint.save_every):
                 self._save()
         if self.cfg.checkpoint.export_hf_at_end:
-            from checkpoint_tools.convert import write_hf
+            from megatron_rlvr.hf_export import write_hf
 
             out = os.path.join(self.cfg.logging.output_dir, "hf_export")
             write_hf(self.policy.model[0], self.policy.spec, self.cfg.model.hf_dir, out,
