@@ -136,7 +136,8 @@ def test_the_parser_sees_every_form_of_import(tmp_path):
     for f in ("__init__.py", "data/__init__.py", "rollout/__init__.py", "rollout/base.py",
               "safety.py", "data/ok.py"):
         (pkg / f).write_text("")
-    (pkg / "data" / "ok.py").write_text("import megatron_rlvr.data\nfrom megatron_rlvr import safety\n")
+    (pkg / "data" / "ok.py").write_text("import megatron_rlvr.data\n"
+                                        "from megatron_rlvr import safety\n")
     (pkg / "data" / "bad.py").write_text(
         "import os\n"
         "def f():\n"
