@@ -1,6 +1,8 @@
 """Our Megatron model against transformers: parity, export roundtrip, training, layouts, errors.
 
-The multi-process checks run tests/dist/model_checks.py under torchrun (gloo, 4 CPU processes).
+The multi-process checks run tests/dist/model_checks.py under torchrun (gloo, 4 CPU processes),
+including one optimizer step against transformers autograd (the weights after the step to 1e-5):
+the tied Qwen3 at every layout, the untied Llama too at TP2×PP2 and TP2×CP2.
 """
 import json
 import os
@@ -36,8 +38,12 @@ def tiny_models(tmp_path_factory):
 def _run(tmp_path, nproc, tp, pp, cp, dirs):
     out = tmp_path / f"losses_tp{tp}_pp{pp}_cp{cp}.json"
     log = torchrun(ROOT / "tests/dist/model_checks.py", nproc, "--tp", str(tp), "--pp", str(pp),
-                   "--cp", str(cp), "--out", str(out), *dirs)
+                   "--cp", str(cp), "--out", str(out), "--step-models", "0,3" if tp > 1 else "0",
+                   *dirs)
     assert log.count("parity ") >= len(dirs)
+    assert "one step Qwen3ForCausalLM tie=True: weights within" in log, log[-3000:]
+    if tp > 1:
+        assert "one step LlamaForCausalLM tie=False: weights within" in log, log[-3000:]
     return json.loads(out.read_text())
 
 

@@ -6,7 +6,12 @@ For every HF model directory: build our Megatron model at the layout, load the w
 logits and next-token log-probs with transformers (float32) at 1e-4; stream the weights back to HF
 names and compare them bitwise with the safetensors files. For the first model, also train 5 steps
 with Megatron DDP + distributed optimizer on a fixed batch and write the losses to FILE (JSON) so
-the test can compare trajectories across layouts.
+the test can compare trajectories across layouts. For the models --step-models names (by position;
+tests/test_models.py: the tied Qwen3 and the untied Llama), one optimizer step against
+transformers autograd: the
+weights after the step equal, to 1e-5, w - lr·g/(|g| + eps) with g the float64 gradient of the same
+token-mean cross-entropy in transformers (Adam's first step without weight decay, bias-corrected;
+eps = 1 makes it a smooth function of the gradient rather than its sign; no clipping).
 """
 import argparse
 import json
@@ -87,9 +92,7 @@ def train(hf_dir, spec, tokens, steps=5):
     from megatron.core import parallel_state
     policy = Policy(spec, hf_dir, dtype=torch.float32, optim=OptimConfig(lr=1e-3, weight_decay=0.0))
     labels = torch.roll(tokens, -1, dims=1)
-    mask = torch.ones_like(tokens, dtype=torch.float32)
-    mask[:, -1] = 0
-    mask[1, 40:] = 0  # an uneven mask: token-mean must weigh sequences by their tokens
+    mask = loss_mask(tokens)
     # Split the batch into micro-batches of one sequence over the data-parallel ranks.
     dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
                    parallel_state.get_data_parallel_rank())
@@ -104,6 +107,59 @@ def train(hf_dir, spec, tokens, steps=5):
     return losses, norms
 
 
+STEP_LR, STEP_EPS = 0.05, 1.0
+
+
+def loss_mask(tokens):
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+    mask[:, -1] = 0
+    mask[1, 40:] = 0  # an uneven mask: token-mean must weigh sequences by their tokens
+    return mask
+
+
+def check_one_step(hf_dir, spec, tokens):
+    """Weights after one step of our policy (this layout) against transformers autograd."""
+    import time
+
+    from megatron.core import parallel_state
+    from transformers import AutoModelForCausalLM
+
+    start = time.time()
+    policy = Policy(spec, hf_dir, dtype=torch.float32,
+                    optim=OptimConfig(lr=STEP_LR, weight_decay=0.0, grad_clip=1e9,
+                                      adam_eps=STEP_EPS))
+    labels = torch.roll(tokens, -1, dims=1)
+    mask = loss_mask(tokens)
+    dp, dp_rank = (parallel_state.get_data_parallel_world_size(),
+                   parallel_state.get_data_parallel_rank())
+    mbs = [{"input_ids": tokens[i:i + 1], "labels": labels[i:i + 1], "loss_mask": mask[i:i + 1]}
+           for i in range(tokens.shape[0]) if i % dp == dp_rank]
+    r = policy.train_step(mbs, ce_loss)
+    assert not r.skipped
+    got = {n: t.cpu() for n, t in policy.hf_weights()}
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).double()
+    ids, lab, m = tokens.cpu(), labels.cpu(), mask.cpu().double()
+    logp = torch.log_softmax(hf(input_ids=ids).logits, -1).gather(-1, lab[..., None])[..., 0]
+    loss = -(logp * m).sum() / m.sum()
+    loss.backward()
+    assert abs(loss.item() - r.loss) < 1e-5, (loss.item(), r.loss)
+    worst, moved = 0.0, 0.0
+    for name, p in hf.named_parameters():
+        if name not in got:  # a tied lm_head is the embedding
+            continue
+        want = p.detach() - STEP_LR * p.grad / (p.grad.abs() + STEP_EPS)
+        worst = max(worst, (got[name].double() - want).abs().max().item())
+        moved = max(moved, (want - p.detach()).abs().max().item())
+    assert len(got) == len({n for n, _ in hf.named_parameters()} & set(got))
+    assert worst < 1e-5 and moved > 1e-3, f"{hf_dir}: weights off by {worst} (step {moved})"
+    if dist.get_rank() == 0:
+        print(f"one step {spec.architecture} tie={spec.tie_embeddings}: weights within "
+              f"{worst:.1e} of transformers autograd (largest change {moved:.1e}; "
+              f"{time.time() - start:.1f} s)", flush=True)
+    del policy
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
@@ -111,8 +167,10 @@ def main():
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--no-export", action="store_true")
+    p.add_argument("--step-models", default="0", help="comma-separated positions in DIR...")
     p.add_argument("dirs", nargs="+")
     args = p.parse_args()
+    step_models = {int(x) for x in args.step_models.split(",") if x}
     init_distributed(args.tp, args.pp, args.cp, seed=0)
     dev = platform.device()  # the inputs live where the model does (cuda:<local rank> on a GPU)
     tokens = None
@@ -128,6 +186,8 @@ def main():
         del model
         if k == 0:
             result["losses"], result["grad_norms"] = train(hf_dir, spec, tokens)
+        if k in step_models:
+            check_one_step(hf_dir, spec, tokens)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
