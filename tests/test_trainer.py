@@ -137,9 +137,11 @@ def _check_rewards_and_signal(out):
         [metrics[s]["reward/mean"] for s in sorted(metrics)]
 
 
-def _check_step_one(out, model_dir, temperature, ratio):
-    """Step 1 against transformers in float64 with the starting weights (the policy that sampled
-    step 1 and whose entropies select its tokens): vLLM's log-probs at `temperature`; the
+def _check_step(out, model_dir, temperature, ratio, step=1):
+    """One step against transformers in float64 with the weights at its start, `model_dir` (the
+    policy that sampled the step and whose entropies select its tokens: the starting model for
+    step 1, the previous step's checkpoint converted to HF after): vLLM's log-probs at
+    `temperature` (after step 1: the weight sync reached vLLM exactly); the
     entropy mean; the kept tokens: exactly k = ⌈ρN⌉ of the N response tokens, and the lowest kept
     entropy (entropy/threshold) is the k-th largest. k tokens none of which is below the k-th
     largest entropy are a top-k set: the kept tokens are the top-ρ ones (a token within 2e-5 of
@@ -152,7 +154,7 @@ def _check_step_one(out, model_dir, temperature, ratio):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     ents, diffs = [], []
     with torch.no_grad():
-        for g in _probe(out)[0]["groups"]:
+        for g in _probe(out)[step - 1]["groups"]:
             p = len(g["prompt_ids"])
             for resp, vllm_lp in zip(g["responses"], g["rollout_logprobs"]):
                 ids = torch.tensor([g["prompt_ids"] + resp])
@@ -162,14 +164,14 @@ def _check_step_one(out, model_dir, temperature, ratio):
                 ents.append(-(logp_all.exp() * logp_all).sum(-1))
     diffs, ents = torch.cat(diffs), torch.cat(ents)
     assert diffs.mean() < 1e-4 and diffs.max() < 1e-3, (diffs.mean(), diffs.max())
-    step1 = next(r for r in _metrics(out) if r.get("step") == 1 and "loss/pg" in r)
+    rec = next(r for r in _metrics(out) if r.get("step") == step and "loss/pg" in r)
     n = ents.numel()
     k = math.ceil(Fraction(ratio).limit_denominator(100) * n)
     top = ents.sort(descending=True).values
-    assert step1["tokens/response"] == n and step1["tokens/kept"] == k, (step1, n, k)
-    assert step1["entropy/mean"] == pytest.approx(ents.mean().item(), rel=1e-5)
-    assert step1["entropy/threshold"] == pytest.approx(top[k - 1].item(), abs=2e-5), \
-        (step1["entropy/threshold"], top[k - 2:k + 1].tolist())
+    assert rec["tokens/response"] == n and rec["tokens/kept"] == k, (rec, n, k)
+    assert rec["entropy/mean"] == pytest.approx(ents.mean().item(), rel=1e-5)
+    assert rec["entropy/threshold"] == pytest.approx(top[k - 1].item(), abs=2e-5), \
+        (rec["entropy/threshold"], top[k - 2:k + 1].tolist())
     # The selection is discriminating: the entropies near the threshold are spread wider than
     # the tolerance (a near-uniform model's are not; see _make_eos_prone).
     assert top[max(k - 6, 0)] - top[min(k + 5, n - 1)] > 1e-3, top[k - 6:k + 5].tolist()
@@ -186,7 +188,15 @@ def test_micro_batch_scope_tp2(setup, tmp_path):
            "logging.wandb=true", "logging.wandb_mode=offline", probe=True)
     _check_run(out, 3, 0.2)
     _check_rewards_and_signal(out)
-    _check_step_one(out, root / "model", 1.0, 0.2)
+    _check_step(out, root / "model", 1.0, 0.2)
+    # Step 3 starts from the step-2 checkpoint: converted to HF, it is the policy of step 3.
+    after_two = tmp_path / "step2_hf"
+    convert = subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "mcore-to-hf",
+                              "--mcore-dir", str(out / "checkpoints" / "step_000002"),
+                              "--out-dir", str(after_two)], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert convert.returncode == 0, convert.stdout + convert.stderr
+    _check_step(out, after_two, 1.0, 0.2, step=3)
     for record in _probe(out):
         assert all(g["weight_decay"] == 0.0 for g in record["optimizer"]), record["optimizer"]
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -223,7 +233,7 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     _train(2, cfg, reference, *args, probe=True)
     expected = _check_run(reference, 4, 0.2)
     _check_rewards_and_signal(reference)
-    _check_step_one(reference, root / "model", 0.7, 0.2)
+    _check_step(reference, root / "model", 0.7, 0.2)
     assert sorted(os.listdir(reference / "checkpoints")) == [f"step_{i:06d}" for i in range(1, 5)]
     for record, metrics in zip(_probe(reference), expected):
         want = 1.0e-4 * min(1.0, record["step"] / 3)  # trainer.lr, linear warm-up over 3 steps
