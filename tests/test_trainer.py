@@ -291,3 +291,40 @@ def test_pipeline_parallel_global_scope(setup, tmp_path):
            "trainer.ppo_mini_batch_size=2", "algorithm.entropy_top_scope=global",
            "checkpoint.save_every=0", timeout=300)
     _check_run(out, 2, 0.2, units=2)
+
+
+def test_dynamic_sampling_exhaustion_stops_every_rank(setup, tmp_path):
+    """Dynamic sampling on, no overlong penalty: the random model's groups are all wrong, so every
+    round is dropped and after max_num_gen_batches rounds the run must stop. The two ranks are
+    launched by hand (not by torchrun, which would kill the second as soon as the first exits):
+    each must end by itself, with the user-error exit code 2 and the message, within the timeout."""
+    import socket
+
+    root, cfg = setup
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+               "PYTHONUNBUFFERED": "1", "MEGATRON_RLVR_STRICT_DEVICE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "megatron_rlvr", "train", "--config", str(cfg),
+             f"logging.output_dir={tmp_path / 'run'}", "algorithm.dynamic_sampling=true",
+             "algorithm.overlong_buffer_enable=false", "algorithm.max_num_gen_batches=2",
+             "checkpoint.save_every=0"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 2, f"rank {rank} exited {p.returncode}\n{out[-3000:]}"
+        assert "megatron_rlvr train: error: dynamic sampling: after 2 generation rounds only 0 " \
+               "of 8 generated prompts" in out, f"rank {rank}\n{out[-3000:]}"
+        assert "algorithm.max_num_gen_batches" in out
