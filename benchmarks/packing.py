@@ -43,6 +43,7 @@ import math
 import os
 import random
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -366,6 +367,8 @@ def main():
                           f"plan {t_plan:.1f} s) | {row[0]} | {_f(row[1])} | {row[2]:.3f} | "
                           f"{row[3]} | {row[4]:,} |")
     destroy_distributed()
+    if rank == 0 and args.model_dir is None:
+        shutil.rmtree(model_dir[0], ignore_errors=True)  # the random model made for this run
 
 
 if __name__ == "__main__":
