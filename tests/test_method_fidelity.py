@@ -3,10 +3,10 @@
 tests/dist/loss_formula.py drives one mini-batch through the trainer's path (micro-batches on the
 device, the global selection, Megatron's schedule and per-token loss accounting) and compares the
 loss with the formula written out in float64 from gathered full-vocabulary logits, at micro-batch
-sizes 1 and 4, for DP1 (TP2) and DP2; the TP2 run also checks that random selection keeps the same
-tokens on tensor-parallel peers, the DP2 run then checks every branch of `dapo_loss` at context
-parallelism 2 against tests/dapo_reference.py (tests/dist/dapo_loss_cp.py; the one-process branches
-are tests/test_dapo_loss.py).
+sizes 1 and 4, for DP1 (TP2) and DP2, in one launch; the TP2 part also checks that random
+selection keeps the same tokens on tensor-parallel peers, and the launch ends by checking every
+branch of `dapo_loss` at context parallelism 2 against tests/dapo_reference.py
+(tests/dist/dapo_loss_cp.py; the one-process branches are tests/test_dapo_loss.py).
 """
 import os
 import subprocess
@@ -27,14 +27,14 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2-dp1", "tp1-dp2"])
-def test_mini_batch_loss_equals_the_formula(model, tp):
-    out = torchrun(ROOT / "tests/dist/loss_formula.py", 2, "--tp", str(tp), model)
-    assert out.count("ok mbs=") == 12, out[-3000:]
-    if tp == 2:
-        assert "ok random masks identical across 2 tensor-parallel rank(s)" in out
-    else:  # the same launch re-forms its groups as CP2: tests/dist/dapo_loss_cp.py
-        assert out.count("ok cp=2 ") == len(cp_cases()) == 22, out[-3000:]
+def test_mini_batch_loss_equals_the_formula(model):
+    """One launch: TP2 (DP1), then TP1 (DP2), then dapo_loss at CP2 (the groups re-formed)."""
+    out = torchrun(ROOT / "tests/dist/loss_formula.py", 2, "--tp", "2,1", model)
+    assert out.count("ok mbs=") == 24, out[-3000:]
+    assert out.count("ok mbs=1 dp=1") == out.count("ok mbs=1 dp=2") == 6, out[-3000:]
+    assert "ok random masks identical across 2 tensor-parallel rank(s)" in out
+    assert "ok random masks identical across 1 tensor-parallel rank(s)" in out
+    assert out.count("ok cp=2 ") == len(cp_cases()) == 22, out[-3000:]
 
 
 RECIPES = ["qwen3_14b_top20", "qwen3_32b_top20", "qwen3_14b_dapo"]

@@ -10,10 +10,11 @@ dual-clip PPO loss written out below, gathered over the whole mini-batch. Checke
   rho = 0.2 global, kept-token and all-token normalisation (the paper);
   rho = 0.2 micro_batch (the seed code: each micro-batch's masked mean, weighted by its sequences);
 each at micro-batch sizes 1 and 4. The learning rate is 0, so every call sees the same weights.
-The TP1 run then re-forms the groups as CP2 and runs tests/dist/dapo_loss_cp.py's checks (every
+`--tp 2,1` checks TP2 (DP1) and then TP1 (DP2) in one launch, re-forming the parallel groups in
+between; on 2 processes the launch ends with tests/dist/dapo_loss_cp.py's checks at CP2 (every
 branch of dapo_loss at context parallelism 2 against a float64 reference).
 
-    torchrun --nproc_per_node=2 tests/dist/loss_formula.py --tp {1,2} HF_DIR
+    torchrun --nproc_per_node=2 tests/dist/loss_formula.py --tp 2,1 HF_DIR
 """
 import argparse
 import math
@@ -108,15 +109,27 @@ def expected(pg, batch, ent, ratio, scope, norm, mbs):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", default="1", help="tensor-parallel sizes to check, in turn: e.g. 2,1")
     p.add_argument("hf_dir")
     args = p.parse_args()
-    init_distributed(args.tp, 1, 1)
+    for tp in (int(x) for x in args.tp.split(",")):
+        # One launch checks several layouts: the parallel groups are re-formed between them.
+        check_layout(tp, args.hf_dir)
+    if dist.get_world_size() == 2:
+        # Shares this launch: dapo_loss at context parallelism 2 (tests/dist/dapo_loss_cp.py).
+        from dapo_loss_cp import check_context_parallel
+        init_distributed(1, 1, 2)
+        assert check_context_parallel() > 0
+    destroy_distributed()
+
+
+def check_layout(tp: int, hf_dir: str) -> None:
+    init_distributed(tp, 1, 1)
     from megatron.core import parallel_state as ps
 
     dev = platform.device()
-    spec = read_model_spec(args.hf_dir)
-    policy = Policy(spec, args.hf_dir, dtype=torch.float32,
+    spec = read_model_spec(hf_dir)
+    policy = Policy(spec, hf_dir, dtype=torch.float32,
                     optim=OptimConfig(lr=0.0, weight_decay=0.0))
     host = make_batch(spec.vocab_size)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -151,13 +164,8 @@ def main():
                       flush=True)
     assert checked == 12
     random_masks_agree_across_tp(policy, host, dev)
-    if args.tp == 1 and dist.get_world_size() == 2:
-        # Shares this launch: dapo_loss at context parallelism 2 (tests/dist/dapo_loss_cp.py).
-        from dapo_loss_cp import check_context_parallel
-        ps.destroy_model_parallel()
-        init_distributed(1, 1, 2)
-        assert check_context_parallel() > 0
-    destroy_distributed()
+    del policy
+    ps.destroy_model_parallel()
 
 
 def random_masks_agree_across_tp(policy, host, dev):
