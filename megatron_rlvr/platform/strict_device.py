@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 ENV_VAR = "MEGATRON_RLVR_STRICT_DEVICE"
 
@@ -45,7 +44,12 @@ _DEVICE_STORAGES: dict[int, StorageWeakRef] = {}
 _HOST_GROUPS: set = set()
 _DEVICE_GENERATORS: dict[int, torch.Generator] = {}
 _ENABLED = False
-_local = threading.local()
+class _ThreadState(threading.local):
+    suspended = 0            # depth of `suspended()` blocks in this thread
+    device_context = False   # inside a torch function on device tensors (see `torch_function`)
+
+
+_local = _ThreadState()
 
 # Ops that move data between host and device: legitimate with mixed inputs.
 _TRANSFER_OPS = {"aten::copy_", "aten::_to_copy", "aten::_copy_from",
@@ -57,17 +61,42 @@ _NO_HOST_SCALAR_OPS = {"aten::stack", "aten::cat"}
 
 
 def enabled() -> bool:
-    return _ENABLED and not getattr(_local, "suspended", 0)
+    return _ENABLED and not _local.suspended
 
 
 @contextlib.contextmanager
 def suspended():
     """Run foreign code (an inference engine on its own tensors) without the checks."""
-    _local.suspended = getattr(_local, "suspended", 0) + 1
+    _local.suspended += 1
     try:
         yield
     finally:
         _local.suspended -= 1
+
+
+def _tensors(obj, out=None) -> list:
+    """The tensors in `obj` (a tensor, or lists/tuples/dicts of them, nested). The mode runs on
+    every aten op, so this is the hot path: torch's general pytree flattening doubled the CPU time
+    of the multi-process tests."""
+    if out is None:
+        out = []
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif isinstance(x, (list, tuple, dict)):
+                _tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _tensors(x, out)
+    return out
+
+
+def tree_flatten(obj):
+    """The subset of torch's pytree flatten this module needs: ([tensors], None)."""
+    return _tensors(obj), None
 
 
 def _storage_key(t: torch.Tensor):
@@ -155,9 +184,11 @@ class StrictDispatchMode(TorchDispatchMode):
         if not enabled():
             return out
         func_name = func._schema.name
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        tensors = _tensors(args)
+        if kwargs:
+            _tensors(kwargs, tensors)
         if not tensors:
-            if getattr(_local, "device_context", False):
+            if _local.device_context:
                 tag(out)
             return out
         device_in = [is_device(t) for t in tensors]
@@ -225,7 +256,9 @@ def torch_function(func, args, kwargs, call):
         if is_device(args[0]) and name.startswith("torch.") and not name.startswith("torch.cuda."):
             return "torch.cuda." + name[len("torch."):]
         return name
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    tensors = _tensors(args)
+    if kwargs:
+        _tensors(kwargs, tensors)
     if func is torch.Tensor.numpy and is_device(args[0]):
         _fail("numpy() of a device tensor", tensors)
     target = _target(func, args, kwargs)
@@ -233,7 +266,7 @@ def torch_function(func, args, kwargs, call):
     if target == "device" and gen is not None and id(gen) not in _DEVICE_GENERATORS:
         raise DeviceMixError(f"{getattr(func, '__name__', func)} on the device with a host "
                              f"torch.Generator at {_user_frame()}: use platform.generator()")
-    previous = getattr(_local, "device_context", False)
+    previous = _local.device_context
     _local.device_context = target == "device" or (target is None and (
         previous or any(is_device(t) for t in tensors)))
     try:
