@@ -177,6 +177,16 @@ def _check_step(out, model_dir, temperature, ratio, step=1):
     assert top[max(k - 6, 0)] - top[min(k + 5, n - 1)] > 1e-3, top[k - 6:k + 5].tolist()
 
 
+def _to_hf(checkpoint, out_dir):
+    """A trainer checkpoint as an HF model directory (checkpoint_tools' mcore-to-hf)."""
+    convert = subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "mcore-to-hf",
+                              "--mcore-dir", str(checkpoint), "--out-dir", str(out_dir)],
+                             cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert convert.returncode == 0, convert.stdout + convert.stderr
+    return out_dir
+
+
 def test_micro_batch_scope_tp2(setup, tmp_path):
     root, cfg = setup
     out = tmp_path / "run"
@@ -190,13 +200,8 @@ def test_micro_batch_scope_tp2(setup, tmp_path):
     _check_rewards_and_signal(out)
     _check_step(out, root / "model", 1.0, 0.2)
     # Step 3 starts from the step-2 checkpoint: converted to HF, it is the policy of step 3.
-    after_two = tmp_path / "step2_hf"
-    convert = subprocess.run([sys.executable, "-m", "checkpoint_tools.convert", "mcore-to-hf",
-                              "--mcore-dir", str(out / "checkpoints" / "step_000002"),
-                              "--out-dir", str(after_two)], cwd=ROOT, capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert convert.returncode == 0, convert.stdout + convert.stderr
-    _check_step(out, after_two, 1.0, 0.2, step=3)
+    _check_step(out, _to_hf(out / "checkpoints" / "step_000002", tmp_path / "step2_hf"), 1.0, 0.2,
+                step=3)
     for record in _probe(out):
         assert all(g["weight_decay"] == 0.0 for g in record["optimizer"]), record["optimizer"]
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -221,7 +226,8 @@ def _comparable(records):
 
 def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     """DP2 at temperature 0.7 with one threshold over both ranks, checked against transformers
-    (log-probs, entropies, the kept tokens at step 1); the learning-rate warm-up over 3 steps as
+    (log-probs, entropies, the kept tokens at steps 1 and 2, step 2 from the step-1 checkpoint);
+    the learning-rate warm-up over 3 steps as
     the optimizer's param groups hold it; keep_last 0 keeps every checkpoint. Then the same run
     killed with SIGKILL after its step-2 checkpoint and resumed with resume=auto reproduces every
     metric (1e-6)."""
@@ -234,6 +240,8 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     expected = _check_run(reference, 4, 0.2)
     _check_rewards_and_signal(reference)
     _check_step(reference, root / "model", 0.7, 0.2)
+    _check_step(reference, _to_hf(reference / "checkpoints" / "step_000001", tmp_path / "s1_hf"),
+                0.7, 0.2, step=2)
     assert sorted(os.listdir(reference / "checkpoints")) == [f"step_{i:06d}" for i in range(1, 5)]
     for record, metrics in zip(_probe(reference), expected):
         want = 1.0e-4 * min(1.0, record["step"] / 3)  # trainer.lr, linear warm-up over 3 steps
