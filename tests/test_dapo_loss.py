@@ -116,7 +116,8 @@ def test_dapo_loss_equals_float64_reference(one_rank, inputs, ratio, scope, norm
             assert log["kept_entropy_min"].item() == float("inf")
 
     if ratio < 1.0:
-        pools = [slice(0, N)] if scope == "global" else [slice(j, j + MBS) for j in range(0, N, MBS)]
+        pools = [slice(0, N)] if scope == "global" else \
+            [slice(j, j + MBS) for j in range(0, N, MBS)]
         for rows in pools:  # ⌈ρN⌉ (bottom: ⌈(1-ρ)N⌉) response tokens per pool
             assert int(keep[rows].sum()) == kept_count(ratio, select, int(mask[rows].sum()))
     assert not (keep & ~mask).any()

@@ -142,8 +142,8 @@ def _check_step(out, model_dir, temperature, ratio, step=1):
     policy that sampled the step and whose entropies select its tokens: the starting model for
     step 1, the previous step's checkpoint converted to HF after): vLLM's log-probs at
     `temperature` (after step 1: the weight sync reached vLLM exactly); the
-    entropy mean; the kept tokens: exactly k = ⌈ρN⌉ of the N response tokens, and the lowest kept
-    entropy (entropy/threshold) is the k-th largest. k tokens none of which is below the k-th
+    entropy mean; the kept tokens: exactly k = ⌈ρN⌉ of the N response tokens, and the lowest
+    kept entropy (entropy/threshold) is the k-th largest. k tokens none of which is below the k-th
     largest entropy are a top-k set: the kept tokens are the top-ρ ones (a token within 2e-5 of
     the threshold could be swapped unseen; equal entropies, such as the first response token of a
     group's responses, which share their context, may go either way). For runs whose step has
@@ -246,7 +246,8 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     for record, metrics in zip(_probe(reference), expected):
         want = 1.0e-4 * min(1.0, record["step"] / 3)  # trainer.lr, linear warm-up over 3 steps
         lrs = [g["lr"] for g in record["optimizer"]]
-        assert lrs and all(lr == pytest.approx(want, rel=1e-12) for lr in lrs), (record["step"], lrs)
+        assert lrs and all(lr == pytest.approx(want, rel=1e-12) for lr in lrs), \
+            (record["step"], lrs)
         assert metrics["lr"] == pytest.approx(want, rel=1e-12)
 
     out = tmp_path / "killed"
@@ -314,7 +315,8 @@ def test_dynamic_sampling_exhaustion_stops_every_rank(setup, tmp_path):
         port = sock.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
                "PYTHONUNBUFFERED": "1", "MEGATRON_RLVR_STRICT_DEVICE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}

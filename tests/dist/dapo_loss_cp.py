@@ -5,8 +5,8 @@ top selection, and bottom / random selection in each scope (`cp_cases`).
 Each rank holds its context-parallel half of every sequence (chunks r and 3 - r of 4, the
 load-balanced split); the selection pools span both ranks (the micro-batch scope's top-k across
 its context-parallel ranks, the global scope's over the data- and context-parallel group). As
-Megatron does, the mini-batch loss is the all-reduced Σ numerators / Σ denominators and each rank's
-gradient that of its numerators over the global denominator. Checked against the reference
+Megatron does, the mini-batch loss is the all-reduced Σ numerators / Σ denominators and each
+rank's gradient that of its numerators over the global denominator. Checked against the reference
 computed on the whole (gathered) sequences: the loss, the gradient w.r.t. every logit (gathered),
 kept counts per micro-batch and the lowest kept entropy. Random selection: each rank draws from its
 own generator (seeded by its context-parallel rank, as the trainer does); the reference is the
@@ -66,7 +66,8 @@ def check_context_parallel() -> int:
                          select=select)
         # The trainer's inputs: full-length labels/masks/advantages (dapo_loss slices them), this
         # rank's old log-probs and logits.
-        mbs = [{"labels": inp["labels"][r].to(dev), "response_mask": inp["response_mask"][r].to(dev),
+        mbs = [{"labels": inp["labels"][r].to(dev),
+                "response_mask": inp["response_mask"][r].to(dev),
                 "advantages": inp["advantages"][r].to(dev),
                 "old_logprobs_local": inp["old_logprobs"][r][:, cols].to(dev),
                 "rollout_logprobs": inp["rollout_logprobs"][r].to(dev)} for r in rows]
@@ -103,10 +104,12 @@ def check_context_parallel() -> int:
         for j, log in enumerate(outs):
             counts = torch.stack([log[2]["kept_count"], log[2]["response_count"]]).long()
             dist.all_reduce(counts, group=group)
-            lowest = log[2]["kept_entropy_min"].detach().reshape(1).to(dev)  # new_tensor(inf): host in strict mode
+            # .to(dev): the loss's new_tensor(inf) (nothing kept) is a host tensor in strict mode
+            lowest = log[2]["kept_entropy_min"].detach().reshape(1).to(dev)
             dist.all_reduce(lowest, op=dist.ReduceOp.MIN, group=group)
             k_ref = keep[rows[j]]
-            assert counts.tolist() == [int(k_ref.sum()), int(inp["response_mask"][rows[j]].sum())], case
+            want_counts = [int(k_ref.sum()), int(inp["response_mask"][rows[j]].sum())]
+            assert counts.tolist() == want_counts, case
             if k_ref.any():
                 want_min = ent[rows[j]][k_ref].min().item()
                 assert abs(lowest.item() - want_min) <= 1e-5 * want_min, (case, lowest, want_min)
