@@ -283,7 +283,13 @@ def torch_function(func, args, kwargs, call):
             out = untag(out.clone())  # a device tensor moved to the host is a new tensor
     elif target == "host":
         untag(out)
+    elif func in _NEW_METHODS and is_device(args[0]):
+        tag(out)  # `x.new_tensor(data)` and friends: on x's device (the data came from the host)
     return out
+
+
+_NEW_METHODS = {torch.Tensor.new_tensor, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+                torch.Tensor.new_full, torch.Tensor.new_empty}
 
 
 # ------------------------------------------------------------------------- collectives

@@ -47,6 +47,10 @@ def main():
     assert is_device(moved) and not is_device(host) and moved.device == dev and moved.is_cuda
     assert not is_device(moved.cpu()) and is_device(moved * 2) and is_device(moved * torch.tensor(2.))
     raises(lambda: moved + host, "aten::add")
+    # x.new_tensor(data) and friends are on x's device (the data comes from the host).
+    assert all(is_device(t) for t in (moved.new_tensor(float("inf")), moved.new_zeros(2),
+                                      moved.new_full((2,), 1.0)))
+    assert not is_device(host.new_tensor(1.0))
     raises(lambda: moved.numpy(), "numpy")
 
     # Finding 1: the batch built on the host and fed to the model (embedding on mixed devices).
