@@ -229,8 +229,9 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     (log-probs, entropies, the kept tokens at steps 1 and 2, step 2 from the step-1 checkpoint);
     the learning-rate warm-up over 3 steps as
     the optimizer's param groups hold it; keep_last 0 keeps every checkpoint. Then the same run
-    killed with SIGKILL after its step-2 checkpoint and resumed with resume=auto reproduces every
-    metric (1e-6)."""
+    killed with SIGKILL after its step-2 checkpoint and resumed with resume=auto at another
+    parallel layout, context parallelism 2 (DP1 x CP2: each sequence split over both ranks, the
+    checkpoint resharded), reproduces every metric."""
     root, cfg = setup
     args = ("trainer.micro_batch_size=2", "algorithm.entropy_top_scope=global",
             "trainer.total_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=0",
@@ -267,7 +268,7 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     done = [r["step"] for r in _metrics(out) if "loss/pg" in r]
     assert done and max(done) < 4, f"killed too late to test anything: {done}"
 
-    log = _train(2, cfg, out, *args)  # checkpoint.resume defaults to auto
+    log = _train(2, cfg, out, *args, "parallel.cp=2")  # checkpoint.resume defaults to auto
     assert "resumed from" in log
     resumed = _check_run(out, 4, 0.2)
     want, got = _comparable(expected), _comparable(resumed)
