@@ -148,10 +148,11 @@ class Trainer:
             a.entropy_top_ratio, a.entropy_top_scope, a.entropy_loss_norm, a.entropy_select,
             a.loss_agg_mode))
         if a.entropy_top_scope == "micro_batch" and a.entropy_top_ratio < 1.0 \
-                and t.micro_batch_size < 8:
+                and t.max_tokens_per_micro_batch == 0 and t.micro_batch_size < 8:
             self.log.info(f"warning: entropy_top_scope=micro_batch with trainer.micro_batch_size="
                           f"{t.micro_batch_size}: each top-k pool is {t.micro_batch_size} "
-                          "response(s); the seed code's pools hold ~16-32 (docs/method.md)")
+                          "response(s); the seed code's pools hold ~16-32: set "
+                          "trainer.max_tokens_per_micro_batch (docs/method.md)")
         if resume_dir is not None:
             self._load(resume_dir)
         self.policy.offload()  # GPU: the first rollout comes before any training
