@@ -154,7 +154,7 @@ def _check_step(out, model_dir, temperature, ratio, step=1):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     ents, diffs = [], []
     with torch.no_grad():
-        for g in _probe(out)[step - 1]["groups"]:
+        for g in next(r for r in _probe(out) if r["step"] == step)["groups"]:
             p = len(g["prompt_ids"])
             for resp, vllm_lp in zip(g["responses"], g["rollout_logprobs"]):
                 ids = torch.tensor([g["prompt_ids"] + resp])
@@ -175,6 +175,33 @@ def _check_step(out, model_dir, temperature, ratio, step=1):
     # The selection is discriminating: the entropies near the threshold are spread wider than
     # the tolerance (a near-uniform model's are not; see _make_eos_prone).
     assert top[max(k - 6, 0)] - top[min(k + 5, n - 1)] > 1e-3, top[k - 6:k + 5].tolist()
+
+
+def _kill_processes_with(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (Linux /proc), then wait until
+    they are gone."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read() and int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+                    found.append(int(pid))
+        except (OSError, ProcessLookupError):
+            continue
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in found):
+        assert time.time() < deadline, "killed ranks did not exit"
+        time.sleep(0.1)
+    assert found, f"no process had {text!r} in its command line"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _to_hf(checkpoint, out_dir):
@@ -220,7 +247,10 @@ def test_micro_batch_scope_tp2(setup, tmp_path):
 
 
 def _comparable(records):
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("timing/", "weight_sync/"))}
+    # Not compared: timings, and what depends on the layout (batch/tokens: CP pads each sequence
+    # to a multiple of 2·cp).
+    return {r["step"]: {k: v for k, v in r.items()
+                        if not k.startswith(("timing/", "weight_sync/", "batch/"))}
             for r in records}
 
 
@@ -231,7 +261,8 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
     the optimizer's param groups hold it; keep_last 0 keeps every checkpoint. Then the same run
     killed with SIGKILL after its step-2 checkpoint and resumed with resume=auto at another
     parallel layout, context parallelism 2 (DP1 x CP2: each sequence split over both ranks, the
-    checkpoint resharded), reproduces every metric."""
+    checkpoint resharded), reproduces every metric (1e-5), and its first step is checked against
+    transformers as steps 1 and 2 are."""
     root, cfg = setup
     args = ("trainer.micro_batch_size=2", "algorithm.entropy_top_scope=global",
             "trainer.total_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=0",
@@ -263,20 +294,32 @@ def test_global_scope_dp2_and_resume_after_sigkill(setup, tmp_path):
         assert proc.poll() is None, "the run ended before its step-2 checkpoint"
         assert time.time() < deadline, "no step-2 checkpoint in time"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank, mid-training
+    # torchrun and every rank, mid-training. The ranks are not in torchrun's process group (its
+    # agent starts them in their own sessions), so they are found by their command line: killing
+    # only the group left them running to the end, and the "resumed" run then had nothing to do.
+    _kill_processes_with(f"logging.output_dir={out}")
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not (out / "checkpoints" / "step_000004").exists(), "the killed run finished anyway"
     done = [r["step"] for r in _metrics(out) if "loss/pg" in r]
     assert done and max(done) < 4, f"killed too late to test anything: {done}"
 
-    log = _train(2, cfg, out, *args, "parallel.cp=2")  # checkpoint.resume defaults to auto
+    log = _train(2, cfg, out, *args, "parallel.cp=2", probe=True)  # resume defaults to auto
     assert "resumed from" in log
+    # Step 3, the first at CP2, against transformers from the step-2 checkpoint the DP2 run saved:
+    # vLLM's log-probs after the resharded load and weight sync, the kept tokens' count and
+    # threshold recomputed independently.
+    _check_step(out, _to_hf(out / "checkpoints" / "step_000002", tmp_path / "s2_hf"), 0.7, 0.2,
+                step=3)
     resumed = _check_run(out, 4, 0.2)
     want, got = _comparable(expected), _comparable(resumed)
     for step in range(1, 5):
         for key, value in want[step].items():
             other = got[step][key]
             if isinstance(value, float):
-                assert abs(value - other) <= 1e-6 * max(1.0, abs(value)), (step, key, value, other)
+                # 1e-5: CP2 sums in another order than DP2 (float32); the log-prob mismatch
+                # between vLLM and the policy, itself ~1e-6, differs by that much.
+                assert abs(value - other) <= 1e-5 * max(1.0, abs(value)), (step, key, value, other)
             else:
                 assert value == other, (step, key, value, other)
 
