@@ -31,30 +31,12 @@ from megatron_rlvr.partition import fixed_plan
 
 
 def build_batch(groups: list[Group], *, pad_id: int, length_multiple: int) -> dict[str, torch.Tensor]:
-    """All sequences of `groups`, group after group, as [N, S] tensors."""
-    rewards = torch.tensor([g.reward for g in groups], dtype=torch.float64)
-    seq_adv = grpo_advantages(rewards).reshape(-1).float()
-    seqs = [(g.prompt_ids, r, lp) for g in groups for r, lp in zip(g.responses, g.rollout_logprobs)]
-    longest = max(len(p) + len(r) for p, r, _ in seqs)
-    s = int(math.ceil(longest / length_multiple) * length_multiple)
-    n = len(seqs)
-    input_ids = torch.full((n, s), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((n, s), dtype=torch.bool)
-    rollout_logprobs = torch.zeros((n, s), dtype=torch.float32)
-    for i, (prompt, response, logprobs) in enumerate(seqs):
-        p, r = len(prompt), len(response)
-        input_ids[i, :p] = torch.tensor(prompt)
-        if r:
-            input_ids[i, p:p + r] = torch.tensor(response)
-            response_mask[i, p - 1:p + r - 1] = True
-            rollout_logprobs[i, p - 1:p + r - 1] = torch.tensor(logprobs, dtype=torch.float32)
-    return {
-        "input_ids": input_ids,
-        "labels": torch.roll(input_ids, -1, dims=1),
-        "response_mask": response_mask,
-        "rollout_logprobs": rollout_logprobs,
-        "advantages": seq_adv[:, None].expand(n, s).contiguous(),
-    }
+    """All sequences of `groups`, group after group, as [N, S] tensors (S: the longest sequence,
+    rounded up to `length_multiple`)."""
+    seqs = sequences_of(groups)
+    longest = max(len(q) for q in seqs)
+    return padded_rows(seqs, int(math.ceil(longest / length_multiple) * length_multiple),
+                       pad_id=pad_id)
 
 
 @dataclass
@@ -76,6 +58,30 @@ def sequences_of(groups: list[Group]) -> list[Sequence]:
     return [Sequence(g.prompt_ids, r, lp, a)
             for g, advs in zip(groups, adv)
             for r, lp, a in zip(g.responses, g.rollout_logprobs, advs)]
+
+
+def padded_rows(seqs: list[Sequence], length: int, *, pad_id: int) -> dict[str, torch.Tensor]:
+    """`seqs` as [N, length] right-padded rows (the padded layout), on the host."""
+    n = len(seqs)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, length), dtype=torch.bool)
+    rollout_logprobs = torch.zeros((n, length), dtype=torch.float32)
+    for i, q in enumerate(seqs):
+        p, r = len(q.prompt_ids), len(q.response_ids)
+        input_ids[i, :p] = torch.tensor(q.prompt_ids)
+        if r:
+            input_ids[i, p:p + r] = torch.tensor(q.response_ids)
+            response_mask[i, p - 1:p + r - 1] = True
+            rollout_logprobs[i, p - 1:p + r - 1] = torch.tensor(q.rollout_logprobs,
+                                                                dtype=torch.float32)
+    adv = torch.tensor([q.advantage for q in seqs], dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "labels": torch.roll(input_ids, -1, dims=1),
+        "response_mask": response_mask,
+        "rollout_logprobs": rollout_logprobs,
+        "advantages": adv[:, None].expand(n, length).contiguous(),
+    }
 
 
 def pack(seqs: list[Sequence], *, length_multiple: int,

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr.algos.advantages import grpo_advantages
-from megatron_rlvr.batch import Sequence, pack
+from megatron_rlvr.batch import Sequence, pack, padded_rows
 from megatron_rlvr.generation import Group, GroupSummary
 from megatron_rlvr.parallel import host_group
 from megatron_rlvr.partition import fixed_plan, padded_length, token_budget_plan
@@ -188,30 +188,6 @@ def exchange_payloads(plan: StepPlan, local: dict[tuple[int, int], Group], *, ra
     for work in sends:
         work.wait()
     return out, stats
-
-
-def padded_rows(seqs: list[Sequence], length: int, *, pad_id: int) -> dict[str, torch.Tensor]:
-    """`seqs` as rows of `batch.build_batch` (right-padded to `length`), on the host."""
-    n = len(seqs)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((n, length), dtype=torch.bool)
-    rollout_logprobs = torch.zeros((n, length), dtype=torch.float32)
-    for i, q in enumerate(seqs):
-        p, r = len(q.prompt_ids), len(q.response_ids)
-        input_ids[i, :p] = torch.tensor(q.prompt_ids)
-        if r:
-            input_ids[i, p:p + r] = torch.tensor(q.response_ids)
-            response_mask[i, p - 1:p + r - 1] = True
-            rollout_logprobs[i, p - 1:p + r - 1] = torch.tensor(q.rollout_logprobs,
-                                                                dtype=torch.float32)
-    adv = torch.tensor([q.advantage for q in seqs], dtype=torch.float32)
-    return {
-        "input_ids": input_ids,
-        "labels": torch.roll(input_ids, -1, dims=1),
-        "response_mask": response_mask,
-        "rollout_logprobs": rollout_logprobs,
-        "advantages": adv[:, None].expand(n, length).contiguous(),
-    }
 
 
 def build_micro_batches(plan: StepPlan, seqs: dict[int, Sequence], dp_rank: int, *,
