@@ -196,7 +196,7 @@ def dapo_loss(mb: dict, logits: torch.Tensor, s: LossSettings,
             "entropy_sum": (ent.double() * response).sum(),
             "mismatch_sum": ((logp.detach() - rollout).abs().double() * response).sum(),
             "mismatch_max": (logp.detach() - rollout).abs().masked_fill(~response, 0).max()
-            .double() if response.numel() else ent.new_tensor(0.0, dtype=torch.float64),
+            .double(),
             **metrics, **corr_logs,
         }
     return total, denominator, logs
