@@ -103,6 +103,20 @@ class RolloutConfig:
     sync_bucket_mb: int = _f(512, "Size of the buckets in which weights stream from Megatron to "
                                   "vLLM after each step (MiB).")
     enforce_eager: bool = _f(False, "Disable CUDA graphs in vLLM (slower, less memory).")
+    mode: Literal["colocated", "disaggregated"] = _f(
+        "colocated", "colocated: a vLLM engine inside every trainer rank (or every vllm_tp "
+                     "ranks), generation and training take turns. disaggregated: rollout.engines "
+                     "vLLM engines as Ray actors on their own devices, driven by trainer rank 0; "
+                     "weights stream to them over a process group (docs/disaggregated.md).")
+    engines: int = _f(1, "disaggregated: number of vLLM engine actors (each on vllm_tp GPUs).")
+    ray_address: str = _f("", "disaggregated: the Ray cluster to use ('auto', or host:port of "
+                              "its head); empty = trainer rank 0 starts a local Ray and stops it "
+                              "at exit.")
+    max_staleness: int = _f(0, "disaggregated: how many policy versions a training batch may lag. "
+                               "0 = synchronous (generate, train, sync); 1 = one-step-off: the "
+                               "rollout of step k+1 runs while step k trains, with the weights "
+                               "of step k-1; k = up to k rollouts ahead.")
+    cpus_per_engine: float = _f(1.0, "disaggregated: Ray CPUs reserved for each engine actor.")
 
 
 @dataclass
@@ -114,8 +128,10 @@ class RolloutCorrectionConfig:
     (`algos/rollout_correction.py`, docs/method.md)."""
     enabled: bool | Literal["auto"] = _f(
         "auto", "Apply the correction: true, false, or auto = on when rollouts are off-policy "
-                "(stale weights or a disaggregated engine), off for colocated synchronous "
-                "rollouts. Off = no weights and no mask are applied.")
+                "(rollout.max_staleness > 0: batches made with older weights), off for "
+                "synchronous rollouts (colocated, or disaggregated at max_staleness 0, where the "
+                "engines hold the old policy's weights). Off = no weights and no mask are "
+                "applied.")
     level: Literal["token", "sequence", "geometric"] = _f(
         "token", "Where the weight is taken: per token (w_t); per sequence (the product of its "
                  "tokens' w_t, the exact sequence likelihood ratio); or per sequence as the "
@@ -234,6 +250,11 @@ class RewardConfig:
                        "(verl naive_dapo: string normalisation + sympy + math_equal; no box -> "
                        "the whole text after </think> is graded; needs format 'boxed'). "
                        "docs/method.md has their measured agreement.")
+    backend: Literal["local", "ray"] = _f(
+        "local", "Where responses are scored: local = worker processes of the scoring trainer "
+                 "rank; ray = ray_actors Ray CPU actors (each with num_workers workers) beside "
+                 "the engines; needs rollout.mode=disaggregated.")
+    ray_actors: int = _f(1, "reward.backend=ray: number of reward actors.")
 
 
 @dataclass
@@ -548,6 +569,14 @@ def validate(cfg: Config) -> None:
     positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
     positive("trainer.collective_timeout_s", t.collective_timeout_s)
 
+    need(r.mode == "disaggregated" or (r.max_staleness == 0 and cfg.reward.backend == "local"),
+         "rollout.max_staleness > 0 and reward.backend=ray need rollout.mode=disaggregated "
+         f"(got mode={r.mode!r}, max_staleness={r.max_staleness}, "
+         f"reward.backend={cfg.reward.backend!r})")
+    positive("rollout.engines", r.engines)
+    non_negative("rollout.max_staleness", r.max_staleness)
+    positive("rollout.cpus_per_engine", r.cpus_per_engine)
+    positive("reward.ray_actors", cfg.reward.ray_actors)
     rc = a.rollout_correction
     need(rc.cap > 1, f"algorithm.rollout_correction.cap must be > 1 (the weights' bounds are "
                      f"[1/cap, cap]), got {rc.cap}")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_rlvr.parallel import host_group
 from megatron_rlvr.rewards.shaping import overlong_penalty
-from megatron_rlvr.rollout.base import SamplingParams
+from megatron_rlvr.rollout.base import RolloutOutput, SamplingParams
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Group:
     accuracy: list[float]              # 0/1 correctness (what dynamic sampling filters on)
     reward: list[float]                # correctness + overlong penalty (what advantages use)
     timed_out: int = 0                 # responses whose verification hit the timeout
+    version: int | None = None         # policy version (RL steps trained) of the weights that
+                                       # generated it; None = colocated (always the old policy)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class GroupSummary:
     accuracy: list[float]
     reward: list[float]
     timed_out: int = 0
+    version: int | None = None
 
     def sequence_lengths(self) -> list[int]:
         """Tokens of each (prompt + response) sequence."""
@@ -66,7 +69,8 @@ def summary_of(group: Group, key: tuple[int, int], owner: int) -> GroupSummary:
                         data_source=group.data_source, prompt_length=len(group.prompt_ids),
                         response_lengths=[len(r) for r in group.responses],
                         finish_reasons=list(group.finish_reasons), accuracy=list(group.accuracy),
-                        reward=list(group.reward), timed_out=group.timed_out)
+                        reward=list(group.reward), timed_out=group.timed_out,
+                        version=group.version)
 
 
 @dataclass
@@ -108,29 +112,38 @@ def gather_groups(summaries: list[GroupSummary],
     return [by_key[s.key] for s in summaries]
 
 
-def generate_round(engine, dataset, indices: list[int], params: SamplingParams, *, tokenizer,
-                   reward_pool, shaping: ShapingConfig, vllm_tp: int = 1,
-                   round_index: int = 0) -> Round:
-    """Generate and score the groups of `indices` (the same list on every rank); all-gather only
-    their summaries. Keys are (round_index, position in `indices`)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    n_engines, engine_id = world // vllm_tp, rank // vllm_tp
-    positions = list(range(len(indices)))[engine_id::n_engines]
-    records = [dataset.records[indices[p]] for p in positions]
-    if params.seed is not None:  # each engine samples its own prompts with its own seeds
-        params = dataclasses.replace(params, seed=params.seed + 1_000_003 * engine_id)
-    out = engine.generate([r.prompt_ids for r in records], params)
-    local: dict[tuple[int, int], Group] = {}
-    if rank % vllm_tp == 0:  # one scorer per engine: its tensor-parallel peers got the same output
-        texts, truths = [], []
+def engine_shares(indices: list[int], n_engines: int, params: SamplingParams
+                  ) -> list[tuple[list[int], SamplingParams]]:
+    """Each engine's positions in `indices` (round robin) and its sampling parameters: engine e
+    samples with seed + 1_000_003·e, so engines draw independent samples and a disaggregated
+    fleet of E engines reproduces E colocated ones."""
+    shares = []
+    for e in range(n_engines):
+        p = params if params.seed is None else \
+            dataclasses.replace(params, seed=params.seed + 1_000_003 * e)
+        shares.append((list(range(len(indices)))[e::n_engines], p))
+    return shares
+
+
+def score_outputs(outputs: list[tuple[RolloutOutput, list[int], int | None]], dataset,
+                  indices: list[int], *, tokenizer, reward_pool, shaping: ShapingConfig,
+                  round_index: int) -> dict[tuple[int, int], Group]:
+    """Score engines' outputs in one reward call and make their groups, keyed (round, position).
+    `outputs`: per engine, (its output, its positions in `indices`, its weight version)."""
+    texts, truths = [], []
+    for out, positions, _ in outputs:
         for po in out.outputs:
+            truth = dataset.records[indices[positions[po.index]]].ground_truth
             for s in po.samples:
                 texts.append(tokenizer.decode(s.token_ids, skip_special_tokens=True))
-                truths.append(records[po.index].ground_truth)
-        results = reward_pool.score(texts, truths) if texts else []
-        k = 0
+                truths.append(truth)
+    results = reward_pool.score(texts, truths) if texts else []
+    groups: dict[tuple[int, int], Group] = {}
+    k = 0
+    for out, positions, version in outputs:
         for po in out.outputs:
-            rec = records[po.index]
+            position = positions[po.index]
+            rec = dataset.records[indices[position]]
             scored = results[k:k + len(po.samples)]
             k += len(po.samples)
             acc = [r.score for r in scored]
@@ -140,13 +153,54 @@ def generate_round(engine, dataset, indices: list[int], params: SamplingParams, 
                                             penalty_factor=shaping.penalty_factor)
                            if shaping.enable else 0.0)
                       for a, s in zip(acc, po.samples)]
-            local[(round_index, positions[po.index])] = Group(
-                prompt_index=indices[positions[po.index]], data_source=rec.data_source,
+            groups[(round_index, position)] = Group(
+                prompt_index=indices[position], data_source=rec.data_source,
                 ground_truth=rec.ground_truth, prompt_ids=po.prompt_token_ids,
                 responses=[s.token_ids for s in po.samples],
                 rollout_logprobs=[s.logprobs for s in po.samples],
                 finish_reasons=[s.finish_reason for s in po.samples],
-                accuracy=acc, reward=reward, timed_out=sum(r.timed_out for r in scored))
+                accuracy=acc, reward=reward, timed_out=sum(r.timed_out for r in scored),
+                version=version)
+    return groups
+
+
+def fleet_groups(fleet, dataset, indices: list[int], params: SamplingParams, *, tokenizer,
+                 reward_pool, shaping: ShapingConfig, round_index: int = 0
+                 ) -> dict[tuple[int, int], Group]:
+    """Generate and score the groups of `indices` on a disaggregated fleet (rollout/ray_fleet.py),
+    every engine at once; not a collective: trainer rank 0, the fleet's driver, calls it."""
+    shares = engine_shares(indices, fleet.num_engines, params)
+    results = fleet.generate([[dataset.records[indices[p]].prompt_ids for p in positions]
+                              for positions, _ in shares], [p for _, p in shares])
+    return score_outputs([(out, positions, version)
+                          for (out, version), (positions, _) in zip(results, shares)],
+                         dataset, indices, tokenizer=tokenizer, reward_pool=reward_pool,
+                         shaping=shaping, round_index=round_index)
+
+
+def generate_round(engine, dataset, indices: list[int], params: SamplingParams, *, tokenizer,
+                   reward_pool, shaping: ShapingConfig, vllm_tp: int = 1,
+                   round_index: int = 0) -> Round:
+    """Generate and score the groups of `indices` (the same list on every rank); all-gather only
+    their summaries. Keys are (round_index, position in `indices`). A collective.
+
+    `engine`: this rank's colocated engine (every engine generates its share, its first rank
+    scores it); or, disaggregated, the fleet on rank 0 (it generates and scores everything) and
+    None on the other ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if engine is None:  # disaggregated, not the driver
+        local: dict[tuple[int, int], Group] = {}
+    elif hasattr(engine, "num_engines"):  # disaggregated: the fleet's driver
+        local = fleet_groups(engine, dataset, indices, params, tokenizer=tokenizer,
+                             reward_pool=reward_pool, shaping=shaping, round_index=round_index)
+    else:
+        engine_id = rank // vllm_tp
+        positions, own = engine_shares(indices, world // vllm_tp, params)[engine_id]
+        out = engine.generate([dataset.records[indices[p]].prompt_ids for p in positions], own)
+        # One scorer per engine: its tensor-parallel peers got the same output.
+        local = score_outputs([(out, positions, None)], dataset, indices, tokenizer=tokenizer,
+                              reward_pool=reward_pool, shaping=shaping,
+                              round_index=round_index) if rank % vllm_tp == 0 else {}
     return Round(share_summaries(local), local)
 
 

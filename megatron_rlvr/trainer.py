@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 from functools import partial
 
@@ -41,15 +42,17 @@ from megatron_rlvr.data.dataset import PromptDataset, PromptSampler
 from megatron_rlvr.eval import evaluate
 from megatron_rlvr.exchange import (build_micro_batches, data_parallel_ranks, exchange_payloads,
                                     plan_step)
-from megatron_rlvr.generation import ShapingConfig, generate_round
+from megatron_rlvr.generation import (Round, ShapingConfig, fleet_groups, generate_round,
+                                      summary_of)
 from megatron_rlvr.logging import MetricsLogger
 from megatron_rlvr.models.builder import DTYPES
 from megatron_rlvr.models.pipeline import local_tokens, sequence_length_multiple
 from megatron_rlvr.models.spec import read_model_spec
-from megatron_rlvr.parallel import destroy_distributed, init_distributed
+from megatron_rlvr.parallel import destroy_distributed, host_group, init_distributed
 from megatron_rlvr.policy import OptimConfig, Policy
 from megatron_rlvr.rewards.pool import RewardPool
-from megatron_rlvr.rollout.base import SamplingParams
+from megatron_rlvr.rollout.base import RolloutError, SamplingParams
+from megatron_rlvr.step_rollout import RolloutProducer, StepBatch, collect_step
 
 
 class TrainingAborted(RuntimeError):
@@ -109,7 +112,11 @@ class Trainer:
         self.val_set = PromptDataset(d.val_files, self.tokenizer, **data_kwargs) \
             if d.val_files else None
         self.sampler = PromptSampler(len(self.train_set.records), seed=d.seed, shuffle=d.shuffle)
-        self.engine = self._make_engine(spec)
+        self.disaggregated = r.mode == "disaggregated"
+        self.fleet = self.producer = None
+        # Colocated: an engine in this rank. Disaggregated: Ray engine actors, driven by rank 0
+        # (started below, once the policy exists).
+        self.engine = None if self.disaggregated else self._make_engine(spec)
         torch.manual_seed(cfg.trainer.seed)  # vLLM reseeds torch when it starts: seed after it
         t = cfg.trainer
         self.policy = Policy(spec, cfg.model.hf_dir, dtype=DTYPES[cfg.model.dtype],
@@ -118,9 +125,6 @@ class Trainer:
                              optim=OptimConfig(lr=t.lr, weight_decay=t.weight_decay,
                                                grad_clip=t.grad_clip, adam_beta1=t.adam_beta1,
                                                adam_beta2=t.adam_beta2, adam_eps=t.adam_eps))
-        self.rewards = RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s,
-                                  answer_format=cfg.reward.format, grader=cfg.reward.grader,
-                                  memory_limit_mb=cfg.reward.memory_limit_mb)
         a = cfg.algorithm
         self.loss_settings = LossSettings(
             temperature=r.temperature, clip_ratio_low=a.clip_ratio_low,
@@ -130,7 +134,7 @@ class Trainer:
             # Colocated, synchronous rollouts: vLLM samples with the old policy's weights.
             correction=(a.rollout_correction.level, a.rollout_correction.method,
                         a.rollout_correction.cap)
-            if a.rollout_correction.active(off_policy=False) else None)
+            if a.rollout_correction.active(off_policy=r.max_staleness > 0) else None)
         self.shaping = ShapingConfig(enable=a.overlong_buffer_enable,
                                      max_response_length=r.max_response_length,
                                      buffer_len=a.overlong_buffer_len,
@@ -153,22 +157,62 @@ class Trainer:
                           f"{t.micro_batch_size}: each top-k pool is {t.micro_batch_size} "
                           "response(s); the seed code's pools hold ~16-32: set "
                           "trainer.max_tokens_per_micro_batch (docs/method.md)")
+        if self.disaggregated and self.rank == 0:
+            self.fleet = self._make_fleet()  # starts (or joins) Ray before the reward actors
+        self.rewards = self._make_rewards()
         if resume_dir is not None:
             self._load(resume_dir)
-        self.policy.offload()  # GPU: the first rollout comes before any training
+        if self.disaggregated and self.rank == 0:
+            self.producer = RolloutProducer(self._produce_step, self.sampler,
+                                            first_step=self.step + 1,
+                                            max_staleness=r.max_staleness,
+                                            synced_version=self.step).start()
+        if not self.disaggregated:
+            self.policy.offload()  # GPU: the first (colocated) rollout comes before any training
 
     # ----------------------------------------------------------------------------- setup
-    def _make_engine(self, spec):
-        from megatron_rlvr.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+    def _engine_config(self):
+        from megatron_rlvr.rollout.vllm_engine import VLLMEngineConfig
 
         r, e = self.cfg.rollout, self.cfg.eval
         longest = max(r.max_response_length, e.max_response_length or 0)
-        return VLLMEngine(VLLMEngineConfig(
+        return VLLMEngineConfig(
             model_path=self.cfg.model.hf_dir, tensor_parallel_size=r.vllm_tp,
             dtype=self.cfg.model.dtype, max_model_len=r.max_prompt_length + longest,
             max_prompt_tokens=r.max_prompt_length, prompt_overflow=r.prompt_overflow,
             bucket_mb=r.sync_bucket_mb, seed=self.cfg.trainer.seed,
-            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization))
+            enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization)
+
+    def _make_engine(self, spec):
+        from megatron_rlvr.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(self._engine_config())
+
+    def _make_rewards(self):
+        """The reward scorer of this rank: a local worker pool, or Ray actors; disaggregated,
+        only rank 0 scores (and its producer thread and evaluation share the scorer)."""
+        c = self.cfg.reward
+        if self.disaggregated and self.rank != 0:
+            return None
+        kwargs = dict(answer_format=c.format, grader=c.grader, memory_limit_mb=c.memory_limit_mb)
+        if c.backend == "ray":
+            from megatron_rlvr.rewards.ray_pool import RayRewardPool
+
+            pool = RayRewardPool(c.ray_actors, c.timeout_s, num_workers_per_actor=c.num_workers,
+                                 **kwargs)
+        else:
+            pool = RewardPool(c.num_workers, c.timeout_s, **kwargs)
+        return _Serialized(pool) if self.disaggregated else pool
+
+    def _make_fleet(self):
+        """Rank 0, disaggregated: the Ray engine actors (rollout/ray_fleet.py)."""
+        from megatron_rlvr.rollout.ray_fleet import FleetConfig, RolloutFleet
+
+        r = self.cfg.rollout
+        return RolloutFleet(FleetConfig(
+            engine=self._engine_config(), engines=r.engines, vllm_tp=r.vllm_tp,
+            ray_address=r.ray_address, cpus_per_engine=r.cpus_per_engine,
+            timeout_s=self.cfg.trainer.collective_timeout_s))
 
     def _resume_dir(self) -> str | None:
         c = self.cfg.checkpoint
@@ -229,12 +273,7 @@ class Trainer:
         t_train = time.time() - t1
 
         t2 = time.time()
-        # GPU memory choreography (no-ops on CPU): training state leaves the GPU, the engine's
-        # weights come back and are overwritten, then its KV cache returns for the next rollout.
-        self.policy.offload()
-        self.engine.wake_up(tags=["weights"])
-        sync = self.engine.update_weights(self.policy.hf_weights(include_tied_lm_head=True))
-        self.engine.wake_up(tags=["kv_cache"])
+        sync_gb = self._sync_weights()
         t_sync = time.time() - t2
 
         acc = [a for g in generated for a in g.accuracy]
@@ -255,10 +294,43 @@ class Trainer:
             "dynamic_sampling/kept_prompts": float(gen_stats.kept),
             "dynamic_sampling/dropped_all_correct": float(gen_stats.dropped_all_correct),
             "dynamic_sampling/dropped_all_wrong": float(gen_stats.dropped_all_wrong),
-            "weight_sync/gb": sync.bytes / 1e9,
+            "weight_sync/gb": sync_gb,
+            **self._staleness(groups),
             "timing/rollout_s": t_rollout, "timing/train_s": t_train,
             "timing/weight_sync_s": t_sync, "timing/step_s": time.time() - t0,
         }
+
+    def _sync_weights(self) -> float:
+        """Send the new weights (policy version self.step) to the rollout engines; returns GB.
+        Colocated, with the GPU memory choreography (no-ops on CPU): training state leaves the
+        GPU, the engine's weights come back and are overwritten, then its KV cache returns for
+        the next rollout. Disaggregated, every rank gathers (hf_weights is a collective) and
+        rank 0 streams them to the fleet, which waits for the engines' current round."""
+        weights = self.policy.hf_weights(include_tied_lm_head=True)
+        if not self.disaggregated:
+            self.policy.offload()
+            self.engine.wake_up(tags=["weights"])
+            sync = self.engine.update_weights(weights)
+            self.engine.wake_up(tags=["kv_cache"])
+            return sync.bytes / 1e9
+        if self.rank != 0:
+            for _ in weights:  # the gathers are collectives: take part, keep nothing
+                pass
+            return 0.0
+        sync = self.fleet.sync_weights(weights, version=self.step,
+                                       bucket_mb=self.cfg.rollout.sync_bucket_mb)
+        if self.producer is not None:  # None while resuming: it starts after the load
+            self.producer.weights_synced(self.step)
+        return sync.bytes / 1e9
+
+    def _staleness(self, groups) -> dict[str, float]:
+        """Versions between the weights that generated the batch and the policy it trains
+        (disaggregated; 0 in a synchronous run)."""
+        lags = [self.step - 1 - g.version for g in groups if g.version is not None]
+        if not lags:
+            return {}
+        return {"rollout/staleness_mean": sum(lags) / len(lags),
+                "rollout/staleness_max": float(max(lags))}
 
     def _micro_batches(self, groups, local) -> tuple[list[list[dict]], dict]:
         """This rank's micro-batches of every mini-batch (on the device), and what the layout
@@ -298,27 +370,59 @@ class Trainer:
     def _rollout(self):
         """(the step's groups, every generated group, sampling stats, this rank's payloads):
         summaries (the same on every rank) and the tokens of the chosen groups this rank owns."""
+        if self.disaggregated:
+            batch = self._take_step_batch()
+        else:
+            batch = collect_step(partial(generate_round, self.engine, self.train_set,
+                                         vllm_tp=self.cfg.rollout.vllm_tp,
+                                         **self._round_kwargs()), self.sampler,
+                                 **self._collect_kwargs())
+            self.engine.sleep()
+        return batch.chosen, batch.generated, batch.stats, batch.local
+
+    def _round_kwargs(self) -> dict:
+        return dict(tokenizer=self.tokenizer, reward_pool=self.rewards, shaping=self.shaping)
+
+    def _collect_kwargs(self, step: int | None = None) -> dict:
         r, t, a = self.cfg.rollout, self.cfg.trainer, self.cfg.algorithm
-        acc = GroupAccumulator(t.train_batch_size, a.max_num_gen_batches, enabled=a.dynamic_sampling)
-        generated, local = [], {}
-        while not acc.full:
-            indices = self.sampler.next_indices(t.gen_batch_size)
-            params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p,
-                                    max_tokens=r.max_response_length,
-                                    seed=seed_for(t.seed, "rollout", self.step, acc.stats.rounds))
-            rnd = generate_round(self.engine, self.train_set, indices, params,
-                                 tokenizer=self.tokenizer, reward_pool=self.rewards,
-                                 shaping=self.shaping, vllm_tp=r.vllm_tp,
-                                 round_index=acc.stats.rounds)
-            generated += rnd.summaries
-            acc.add(rnd.summaries, [g.accuracy for g in rnd.summaries])
-            # Keep only the tokens of groups that may still train (dynamic sampling drops the rest).
-            kept = {g.key for g in acc.kept}
-            local.update((k, g) for k, g in rnd.local.items() if k in kept)
-        self.engine.sleep()
-        chosen = acc.take()
-        keys = {g.key for g in chosen}
-        return chosen, generated, acc.stats, {k: g for k, g in local.items() if k in keys}
+        step = self.step if step is None else step
+        return dict(train_batch_size=t.train_batch_size, gen_batch_size=t.gen_batch_size,
+                    max_rounds=a.max_num_gen_batches, dynamic_sampling=a.dynamic_sampling,
+                    params_for_round=lambda i: SamplingParams(
+                        n=r.n, temperature=r.temperature, top_p=r.top_p,
+                        max_tokens=r.max_response_length,
+                        seed=seed_for(t.seed, "rollout", step, i)))
+
+    def _produce_step(self, step: int) -> StepBatch:
+        """Rank 0's producer thread, disaggregated: one step's rollout on the fleet, with the same
+        prompts, rounds and seeds as a colocated run (not a collective)."""
+        def make_round(indices, params, round_index):
+            local = fleet_groups(self.fleet, self.train_set, indices, params,
+                                 round_index=round_index, **self._round_kwargs())
+            return Round(sorted((summary_of(g, k, 0) for k, g in local.items()),
+                                key=lambda g: g.key), local)
+
+        return collect_step(make_round, self.sampler, **self._collect_kwargs(step))
+
+    def _take_step_batch(self) -> StepBatch:
+        """Disaggregated: rank 0 takes the step's batch from its producer and broadcasts the
+        summaries (or the producer's error, so that every rank stops with it); the payloads stay
+        on rank 0 until the exchange sends them to the ranks that train on them."""
+        payload = [None]
+        if self.rank == 0:
+            try:
+                batch = self.producer.take(self.step, self.cfg.trainer.collective_timeout_s * 0.9)
+                payload = [("ok", (batch.chosen, batch.generated, batch.stats))]
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                payload = [("error", e)]
+        dist.broadcast_object_list(payload, src=0, group=host_group())
+        kind, value = payload[0]
+        if kind == "error":
+            raise value
+        if self.rank == 0:
+            return batch
+        chosen, generated, stats = value
+        return StepBatch(chosen, generated, stats, {})
 
     def _old_pass(self, mini_batches) -> dict:
         """Log-probs and entropies of the policy that generated the batch (before any update)."""
@@ -429,14 +533,18 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
-        return {"step": self.step, "sampler": self.sampler.state_dict(),
+        # Disaggregated, rollouts made ahead are not in the checkpoint: resume redraws their
+        # prompts (step_rollout.py). Only rank 0's state is saved, and rank 0 drives the fleet.
+        sampler = self.producer.resume_state(self.step + 1) if self.producer \
+            else self.sampler.state_dict()
+        return {"step": self.step, "sampler": sampler,
                 "nonfinite_in_row": self.nonfinite_in_row, "config": config_to_dict(self.cfg)}
 
     def _save(self) -> None:
         root = self._checkpoint_root()
         # GPU: the optimizer state is in host memory and the engine holds its KV cache; the save
         # needs the first on the device and room for it, so the engine sleeps and is synced anew.
-        on_gpu = platform.has_cuda()
+        on_gpu = platform.has_cuda() and not self.disaggregated
         if on_gpu:
             self.engine.sleep()
             self.policy.restore()
@@ -463,7 +571,7 @@ class Trainer:
         self.sampler.load_state_dict(extra["sampler"])
         self.nonfinite_in_row = int(extra.get("nonfinite_in_row", 0))
         self.log.truncate_after(self.step)
-        self.engine.update_weights(self.policy.hf_weights(include_tied_lm_head=True))
+        self._sync_weights()  # the engines start from model.hf_dir: give them the checkpoint's
         self.log.info(f"resumed from {path} at step {self.step}")
 
     def close(self) -> None:
@@ -473,9 +581,31 @@ class Trainer:
         from megatron_rlvr import watchdog
 
         watchdog.stop()
-        self.rewards.close()
-        self.engine.shutdown()  # before the process groups it uses are destroyed
+        if self.producer is not None:
+            self.producer.stop(timeout_s=0)
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.fleet is not None:
+            self.fleet.shutdown()  # ends the producer's call in flight; stops a Ray it started
+        if self.producer is not None:
+            self.producer.stop()
+        if self.engine is not None:
+            self.engine.shutdown()  # before the process groups it uses are destroyed
         self.log.close(plots=self.cfg.logging.plots)
+
+
+class _Serialized:
+    """A reward scorer shared by threads (rank 0's producer and evaluation), one call at a time."""
+
+    def __init__(self, pool):
+        self._pool, self._lock = pool, threading.Lock()
+
+    def score(self, responses, ground_truths):
+        with self._lock:
+            return self._pool.score(responses, ground_truths)
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 def train(cfg: Config) -> None:
