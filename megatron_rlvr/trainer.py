@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import threading
 import time
 from functools import partial
@@ -608,7 +609,14 @@ class _Serialized:
         self._pool.close()
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def train(cfg: Config) -> None:
+    # torchrun stops the ranks with SIGTERM when one of them fails: unwind, so that close() runs
+    # (it stops the Ray cluster a disaggregated rank 0 started, and the reward workers).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     trainer = Trainer(cfg)
     try:
         trainer.fit()
