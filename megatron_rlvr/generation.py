@@ -167,7 +167,7 @@ def score_outputs(outputs: list[tuple[RolloutOutput, list[int], int | None]], da
 def fleet_groups(fleet, dataset, indices: list[int], params: SamplingParams, *, tokenizer,
                  reward_pool, shaping: ShapingConfig, round_index: int = 0
                  ) -> dict[tuple[int, int], Group]:
-    """Generate and score the groups of `indices` on a disaggregated fleet (rollout/ray_fleet.py),
+    """Generate and score the groups of `indices` on a disaggregated fleet (rollout/fleet.py),
     every engine at once; not a collective: trainer rank 0, the fleet's driver, calls it."""
     shares = engine_shares(indices, fleet.num_engines, params)
     results = fleet.generate([[dataset.records[indices[p]].prompt_ids for p in positions]

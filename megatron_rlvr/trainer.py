@@ -197,23 +197,24 @@ class Trainer:
             return None
         kwargs = dict(answer_format=c.format, grader=c.grader, memory_limit_mb=c.memory_limit_mb)
         if c.backend == "ray":
-            from megatron_rlvr.rewards.ray_pool import RayRewardPool
+            from megatron_rlvr.rewards.ray_scorer import RayRewardPool
 
             pool = RayRewardPool(c.ray_actors, c.timeout_s, num_workers_per_actor=c.num_workers,
-                                 **kwargs)
+                                 ray_address=self.cfg.rollout.ray_address, **kwargs)
         else:
             pool = RewardPool(c.num_workers, c.timeout_s, **kwargs)
         return _Serialized(pool) if self.disaggregated else pool
 
     def _make_fleet(self):
-        """Rank 0, disaggregated: the Ray engine actors (rollout/ray_fleet.py)."""
-        from megatron_rlvr.rollout.ray_fleet import FleetConfig, RolloutFleet
+        """Rank 0, disaggregated: the Ray engine actors (rollout/fleet.py)."""
+        from megatron_rlvr.rollout.fleet import FleetConfig, RolloutFleet
 
-        r = self.cfg.rollout
+        r, c = self.cfg.rollout, self.cfg.reward
         return RolloutFleet(FleetConfig(
             engine=self._engine_config(), engines=r.engines, vllm_tp=r.vllm_tp,
             ray_address=r.ray_address, cpus_per_engine=r.cpus_per_engine,
-            timeout_s=self.cfg.trainer.collective_timeout_s))
+            timeout_s=self.cfg.trainer.collective_timeout_s,
+            extra_cpus=c.ray_actors if c.backend == "ray" else 0))
 
     def _resume_dir(self) -> str | None:
         c = self.cfg.checkpoint
@@ -521,7 +522,9 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         e = self.cfg.eval
         t0 = time.time()
-        metrics = evaluate(self.engine, self.val_set, n=e.n, temperature=e.temperature,
+        # Disaggregated: rank 0 generates on the fleet (between the producer's rounds), the
+        # other ranks only receive the summaries.
+        metrics = evaluate(self.fleet if self.disaggregated else self.engine, self.val_set, n=e.n, temperature=e.temperature,
                            top_p=e.top_p, max_tokens=e.max_response_length,
                            seed=seed_for(self.cfg.trainer.seed, "eval", self.step),
                            tokenizer=self.tokenizer, reward_pool=self.rewards,
