@@ -45,6 +45,12 @@ admits more sequences when most responses end early). Two phases share the GPU: 
 and rollout (training activations freed; weights, gradient buffer and optimizer stay resident).
 The peak is the larger phase plus `overhead_gib` for the CUDA context, NCCL buffers and allocator
 fragmentation.
+
+Disaggregated (rollout.mode: disaggregated, docs/disaggregated.md): `engines` vLLM engines run as
+Ray actors on GPUs of their own, each within one node. The trainer's GPUs (torchrun) hold no vLLM
+weights or KV cache: their peak is the training phase plus the overhead. One GPU of an engine
+holds the same engine share as above (its bf16 weights over vllm_tp and the KV cache of
+rollout_seqs_per_gpu x vllm_tp full-length sequences) plus the overhead, and nothing else.
 """
 from __future__ import annotations
 
@@ -170,10 +176,16 @@ class Layout:
     cp: int = 1
     dp: int = 1
     vllm_tp: int = 1
+    engines: int = 0   # disaggregated: vLLM engines on GPUs of their own; 0 = colocated
 
     @property
     def world(self) -> int:
+        """Trainer ranks (torchrun); disaggregated engines are not among them."""
         return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def colocated(self) -> bool:
+        return self.engines == 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,35 @@ class Memory:
         return max(self.train, self.rollout)
 
 
+@dataclass(frozen=True)
+class EngineMemory:
+    """Bytes on one GPU of a vLLM engine of vllm_tp GPUs: its share of the bf16 weights and of
+    the KV cache (colocated, the same share sits on a trainer GPU; see Memory)."""
+    vllm_tp: int
+    weights: int
+    kv_cache: int      # rollout_seqs_per_gpu x vllm_tp full-length sequences, this GPU's share
+    kv_per_seq: int    # one full-length sequence, this GPU's share
+    overhead: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+    def max_seqs(self, gpu_memory: int) -> int:
+        """Full-length sequences the engine's KV cache could hold in the GPU memory left."""
+        return max(0, (gpu_memory - self.weights - self.overhead) // self.kv_per_seq)
+
+
+def engine_memory(shape: Shape, vllm_tp: int, work: Workload) -> EngineMemory:
+    """One GPU of a vLLM engine (the module docstring's "Colocated vLLM engine" terms)."""
+    kv_per_seq = (2 * shape.layers * max(1, shape.kv_heads // vllm_tp) * shape.head_dim * 2
+                  * work.seq_len)
+    return EngineMemory(vllm_tp=vllm_tp,
+                        weights=2 * stage_params(shape, vllm_tp, 1, 0, work.vocab_divisor),
+                        kv_cache=kv_per_seq * work.rollout_seqs_per_gpu * vllm_tp,
+                        kv_per_seq=kv_per_seq, overhead=int(work.overhead_gib * GIB))
+
+
 def activation_bytes_per_token(shape: Shape, tp: int, sequence_parallel: bool) -> int:
     """One layer's stored activations per token (no recomputation); see the module docstring."""
     h, d, a, g, f = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads, shape.ffn
@@ -262,14 +303,13 @@ def _stage_memory(shape: Shape, lay: Layout, work: Workload, stage: int) -> Memo
         v_local = vocab_rows(shape, tp, work.vocab_divisor) // tp
         chunk_tokens = max(1, work.logits_chunk_elements // v_local)
         logits = 3 * min(chunk_tokens, tokens) * v_local * 4 + tokens * (2 * shape.hidden + 16)
-    vllm_weights = 2 * stage_params(shape, lay.vllm_tp, 1, 0, work.vocab_divisor)
-    kv_per_seq = (2 * shape.layers * max(1, shape.kv_heads // lay.vllm_tp) * shape.head_dim * 2
-                  * work.seq_len)
+    # Colocated, an engine's share of weights and KV cache sits on this GPU; disaggregated, none.
+    eng = engine_memory(shape, lay.vllm_tp, work)
     return Memory(stage=stage, params=p, weights=2 * p, grads=4 * p,
                   optimizer=math.ceil(12 * p / shards), activations=activations, logits=logits,
-                  vllm_weights=vllm_weights,
-                  kv_cache=kv_per_seq * work.rollout_seqs_per_gpu * lay.vllm_tp,
-                  kv_per_seq=kv_per_seq, overhead=int(work.overhead_gib * GIB))
+                  vllm_weights=eng.weights if lay.colocated else 0,
+                  kv_cache=eng.kv_cache if lay.colocated else 0,
+                  kv_per_seq=eng.kv_per_seq, overhead=eng.overhead)
 
 
 def layout_problems(shape: Shape, layout: Layout, gpus_per_node: int | None = None) -> list[str]:
@@ -277,7 +317,7 @@ def layout_problems(shape: Shape, layout: Layout, gpus_per_node: int | None = No
     out = shape.layout_problems(layout.tp, layout.pp)
     if shape.heads % layout.vllm_tp:
         out.append(f"num_attention_heads={shape.heads} is not divisible by vllm_tp={layout.vllm_tp}")
-    if layout.world % layout.vllm_tp:
+    if layout.colocated and layout.world % layout.vllm_tp:
         out.append(f"world size {layout.world} is not a multiple of vllm_tp={layout.vllm_tp}")
     if gpus_per_node is not None:
         for name in ("tp", "vllm_tp"):
@@ -285,6 +325,30 @@ def layout_problems(shape: Shape, layout: Layout, gpus_per_node: int | None = No
                 out.append(f"{name}={getattr(layout, name)} spans nodes "
                            f"(gpus_per_node={gpus_per_node})")
     return out
+
+
+def engines_per_node(vllm_tp: int, gpus_per_node: int) -> int:
+    """Disaggregated engines one node holds (an engine never spans nodes)."""
+    return gpus_per_node // vllm_tp
+
+
+def engine_nodes_needed(engines: int, vllm_tp: int, gpus_per_node: int) -> int:
+    """The fewest nodes that hold `engines` engines of vllm_tp GPUs (0 if one cannot fit)."""
+    per_node = engines_per_node(vllm_tp, gpus_per_node)
+    return -(-engines // per_node) if per_node else 0
+
+
+def engine_problems(engines: int, vllm_tp: int, engine_nodes: int, gpus_per_node: int) -> list[str]:
+    """Why `engines` vLLM engines of vllm_tp GPUs cannot be placed on engine_nodes nodes of
+    gpus_per_node GPUs, each engine within one node (empty when they can)."""
+    if vllm_tp > gpus_per_node:
+        return [f"vllm_tp={vllm_tp} spans nodes (gpus_per_node={gpus_per_node})"]
+    per_node = engines_per_node(vllm_tp, gpus_per_node)
+    if engines > engine_nodes * per_node:
+        return [f"{engines} engines x vllm_tp {vllm_tp} = {engines * vllm_tp} GPUs do not fit "
+                f"on {engine_nodes} engine node(s) x {gpus_per_node} GPUs: {per_node} engine(s) "
+                f"a node (an engine stays within one node), {engine_nodes * per_node} at most"]
+    return []
 
 
 def fits(shape: Shape, layout: Layout, work: Workload, gpu_memory_gib: float) -> bool:
@@ -306,7 +370,7 @@ class Plan:
 
 
 def suggest_layouts(shape: Shape, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
-                    work: Workload) -> list[Plan]:
+                    work: Workload, engines: int = 0, vllm_tp: int = 1) -> list[Plan]:
     """Every layout of nodes x gpus_per_node GPUs that fits, cheapest first.
 
     tp and vllm_tp range over 1, 2, 4, 8 within a node; pp over divisors of the layer count;
@@ -314,17 +378,19 @@ def suggest_layouts(shape: Shape, nodes: int, gpus_per_node: int, gpu_memory_gib
     group tp*pp*cp (the most data-parallel replicas and the least communication per token), then
     the smallest pp (pipeline bubbles), then the smallest cp (ring attention traffic), then the
     smallest tp. Each training layout is listed once, with the smallest vllm_tp that fits (more,
-    smaller engines generate more tokens per GPU).
+    smaller engines generate more tokens per GPU). Disaggregated (engines > 0), the nodes are
+    the trainer's, no vLLM memory is on them and vllm_tp stays as given (see engine_memory).
     """
     world = nodes * gpus_per_node
+    vtps = [vllm_tp] if engines else [v for v in TP_SIZES if v <= gpus_per_node]
     plans = []
     for tp in (t for t in TP_SIZES if t <= gpus_per_node):
         for pp in (p for p in range(1, shape.layers + 1) if shape.layers % p == 0):
             cp = 1
             while tp * pp * cp <= world:
                 if world % (tp * pp * cp) == 0:
-                    for vtp in (v for v in TP_SIZES if v <= gpus_per_node):
-                        lay = Layout(tp, pp, cp, world // (tp * pp * cp), vtp)
+                    for vtp in vtps:
+                        lay = Layout(tp, pp, cp, world // (tp * pp * cp), vtp, engines)
                         if layout_problems(shape, lay, gpus_per_node):
                             continue
                         mem = memory(shape, lay, work)
@@ -357,9 +423,41 @@ def format_table(plans: list[Plan]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+_TRAINER_COLUMNS = ("tp", "pp", "cp", "dp", "weights", "grads", "optim", "activ", "logits", "peak")
+_ENGINE_COLUMNS = ("vtp", "engines", "gpus", "nodes", "weights", "kv", "peak", "max_seqs")
+
+
+def _fixed_width(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def format_trainer_table(plans: list[Plan]) -> str:
+    """Disaggregated: the trainer's GPUs, which hold no vLLM memory (GiB per GPU)."""
+    rows = [list(_TRAINER_COLUMNS)]
+    for plan in plans:
+        lay, m = plan.layout, plan.memory
+        rows.append([str(x) for x in (lay.tp, lay.pp, lay.cp, lay.dp)]
+                    + [f"{x / GIB:.1f}" for x in (m.weights, m.grads, m.optimizer, m.activations,
+                                                  m.logits, m.peak)])
+    return _fixed_width(rows)
+
+
+def format_engine_table(fleets: list[tuple[int, int, EngineMemory]], gpus_per_node: int,
+                        gpu_memory: int) -> str:
+    """Disaggregated: one GPU of an engine, for each (engines, nodes, memory) (GiB per GPU;
+    max_seqs = full-length sequences an engine's KV cache could hold)."""
+    rows = [list(_ENGINE_COLUMNS)]
+    for engines, nodes, m in fleets:
+        rows.append([str(x) for x in (m.vllm_tp, engines, engines * m.vllm_tp, nodes)]
+                    + [f"{x / GIB:.1f}" for x in (m.weights, m.kv_cache, m.peak)]
+                    + [str(m.max_seqs(gpu_memory))])
+    return _fixed_width(rows)
+
+
 # Built-in values of the knobs a --config file can also set; an explicit flag beats both.
 _BUILTIN = dict(tp=None, pp=1, cp=1, vllm_tp=1, prompt_len=2048, response_len=20480, micro_batch=1,
-                recompute="full")
+                recompute="full", rollout_mode="colocated")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -371,13 +469,25 @@ def _parser() -> argparse.ArgumentParser:
                     "layouts that fit. With --config, checks the layout, lengths and batch sizes "
                     "of a trainer config (flags override it); with --tp, checks that one layout; "
                     "otherwise lists the layouts of --nodes x --gpus-per-node that fit, cheapest "
-                    "first. A layout that does not fit is followed by the ones that do.")
+                    "first. A layout that does not fit is followed by the ones that do. With "
+                    "--rollout-mode disaggregated, --nodes are the trainer's (no vLLM on them) "
+                    "and --engines vLLM engines of --vllm-tp GPUs get --engine-nodes of their own.")
     p.add_argument("--config", help="trainer YAML: layout from parallel.* and rollout.vllm_tp, "
-                                    "lengths from rollout.*, micro-batch from trainer.*, model "
-                                    "from model.hf_dir/config.json unless --hf-config is given")
+                                    "lengths from rollout.*, micro-batch from trainer.*, rollout "
+                                    "mode and engines from rollout.mode/engines, model from "
+                                    "model.hf_dir/config.json unless --hf-config is given")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tp=8")
     p.add_argument("--hf-config", help="the model's Hugging Face config.json")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes of the trainer (torchrun); with colocated rollout, every node")
+    p.add_argument("--rollout-mode", choices=("colocated", "disaggregated"),
+                   help="colocated (default): a vLLM engine shares the trainer's GPUs; "
+                        "disaggregated: the engines have GPUs of their own")
+    p.add_argument("--engines", type=int,
+                   help="disaggregated: vLLM engines (default: as many as --engine-nodes hold)")
+    p.add_argument("--engine-nodes", type=int,
+                   help="disaggregated: nodes of --gpus-per-node GPUs for the engines (default: "
+                        "the fewest that hold them, each engine within one node)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     p.add_argument("--tp", type=int, help="check this one layout (with --pp, --cp, --vllm-tp)")
@@ -419,7 +529,7 @@ def _from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     except ConfigError as e:
         p.error(str(e))
     par, r, t = cfg.parallel, cfg.rollout, cfg.trainer
-    given = dict(tp=par.tp, pp=par.pp, cp=par.cp, vllm_tp=r.vllm_tp,
+    given = dict(tp=par.tp, pp=par.pp, cp=par.cp, vllm_tp=r.vllm_tp, rollout_mode=r.mode,
                  prompt_len=r.max_prompt_length, response_len=r.max_response_length,
                  micro_batch=t.micro_batch_size,
                  max_tokens_per_micro_batch=t.max_tokens_per_micro_batch or None,
@@ -427,6 +537,8 @@ def _from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     for name, value in given.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.engines is None and args.rollout_mode == r.mode == "disaggregated":
+        args.engines = r.engines
     args.no_sequence_parallel = args.no_sequence_parallel or not par.sequence_parallel
     if args.num_microbatches is None:
         par.tp, par.pp, par.cp = args.tp, args.pp, args.cp      # as the flags say
@@ -456,13 +568,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"config overrides {args.overrides} need --config")
     _positive(p, args, "nodes", "gpus_per_node", "gpu_memory_gib", "tp", "pp", "cp", "vllm_tp",
               "prompt_len", "response_len", "micro_batch", "max_tokens_per_micro_batch",
-              "num_microbatches", "rollout_seqs_per_gpu", "top")
+              "num_microbatches", "rollout_seqs_per_gpu", "top", "engines", "engine_nodes")
     hf_config = _from_config(p, args) if args.config else args.hf_config
     if hf_config is None:
         p.error("give --config or --hf-config")
     for name, value in _BUILTIN.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    disaggregated = args.rollout_mode == "disaggregated"
+    if not disaggregated and (args.engines is not None or args.engine_nodes is not None):
+        p.error("--engines and --engine-nodes need --rollout-mode disaggregated")
+    if disaggregated:
+        _place_engines(p, args)
     try:
         with open(hf_config) as f:
             cfg = json.load(f)
@@ -474,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = Shape.from_hf_config(cfg, hf_config)
     except ValueError as e:
         p.error(str(e))
+    if disaggregated and shape.heads % args.vllm_tp:
+        p.error(f"num_attention_heads={shape.heads} is not divisible by vllm_tp={args.vllm_tp}")
     work = Workload(seq_len=args.prompt_len + args.response_len, micro_batch=args.micro_batch,
                     micro_batch_tokens=args.max_tokens_per_micro_batch,
                     recompute=args.recompute == "full",
@@ -483,41 +602,103 @@ def main(argv: list[str] | None = None) -> int:
                     overhead_gib=args.overhead_gib)
     world = args.nodes * args.gpus_per_node
     n = total_params(shape)
-    print(f"{hf_config}: {n / 1e9:.2f}B parameters ({n:,}); "
-          f"{args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory_gib:g} GiB; sequences of "
+    gpus = f"{args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory_gib:g} GiB"
+    if disaggregated:
+        gpus = (f"trainer {gpus}, {args.engines} vLLM engines of tp {args.vllm_tp} on "
+                f"{args.engine_nodes} x {args.gpus_per_node} more")
+    print(f"{hf_config}: {n / 1e9:.2f}B parameters ({n:,}); {gpus}; sequences of "
           f"{work.seq_len} tokens, micro-batch "
           f"{f'of {work.micro_batch_tokens} tokens' if work.micro_batch_tokens else work.micro_batch}"
           f", recompute {args.recompute}, "
           f"sequence parallel {'on' if work.sequence_parallel else 'off'}, "
           f"{work.rollout_seqs_per_gpu} full-length rollout sequences per vLLM GPU")
+    engines = args.engines if disaggregated else 0
+    table = format_trainer_table if disaggregated else format_table
+    if disaggregated:
+        print(f"trainer (torchrun, NNODES x GPUS_PER_NODE): {args.nodes} x {args.gpus_per_node} "
+              f"= {world} ranks; no vLLM weights or KV cache on them")
     if args.tp is not None:
         mp = args.tp * args.pp * args.cp
         if world % mp:
             p.error(f"tp*pp*cp={mp} does not divide {world} GPUs")
-        lay = Layout(args.tp, args.pp, args.cp, world // mp, args.vllm_tp)
+        lay = Layout(args.tp, args.pp, args.cp, world // mp, args.vllm_tp, engines)
         problems = layout_problems(shape, lay, args.gpus_per_node)
         if problems:
             p.error("; ".join(problems))
         plan = Plan(lay, memory(shape, lay, work), int(args.gpu_memory_gib * GIB))
-        print(format_table([plan]))
+        print(table([plan]))
         ok = plan.memory.peak <= plan.gpu_memory
         print(f"stage {plan.memory.stage}: {plan.memory.params:,} parameters per GPU, "
               f"{work.num_microbatches or 'pp'} micro-batches per DP rank per optimizer step; "
               f"peak {plan.memory.peak / GIB:.1f} GiB -> " + ("fits" if ok else "DOES NOT FIT"))
-        if ok and not args.suggest:
-            return 0
-        print("layouts that fit:" if not ok else "other layouts that fit:")
-        _suggest(shape, args, work)
-        return 0 if ok else 1
-    return _suggest(shape, args, work)
+        if not ok or args.suggest:
+            print("layouts that fit:" if not ok else "other layouts that fit:")
+            _suggest(shape, args, work, engines)
+    else:
+        ok = _suggest(shape, args, work, engines) == 0
+    if disaggregated:
+        ok = _engines_fit(shape, args, work) and ok
+    return 0 if ok else 1
 
 
-def _suggest(shape: Shape, args: argparse.Namespace, work: Workload) -> int:
-    plans = suggest_layouts(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gib, work)
+def _place_engines(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Disaggregated: fill --engines / --engine-nodes from each other; refuse what cannot be
+    placed (an engine within one node, all of them on the engine nodes)."""
+    per_node = engines_per_node(args.vllm_tp, args.gpus_per_node)
+    if args.engines is None:
+        if args.engine_nodes is None:
+            p.error("--rollout-mode disaggregated needs --engines or --engine-nodes "
+                    "(or rollout.engines in --config)")
+        args.engines = args.engine_nodes * per_node
+    if args.engine_nodes is None:
+        args.engine_nodes = max(1, engine_nodes_needed(args.engines, args.vllm_tp,
+                                                       args.gpus_per_node))
+    problems = engine_problems(args.engines, args.vllm_tp, args.engine_nodes, args.gpus_per_node)
+    if problems:
+        p.error("; ".join(problems))
+
+
+def _engines_fit(shape: Shape, args: argparse.Namespace, work: Workload) -> bool:
+    """Disaggregated: print one engine GPU's memory; with --suggest, or if it does not fit, the
+    vllm_tp choices on the same engine nodes. True when it fits."""
+    gpu_memory = int(args.gpu_memory_gib * GIB)
+    gpn, nodes = args.gpus_per_node, args.engine_nodes
+    idle = nodes * gpn - args.engines * args.vllm_tp
+    print(f"engines (Ray actors, ENGINE_NODES x GPUS_PER_NODE): {args.engines} x vllm_tp "
+          f"{args.vllm_tp} = {args.engines * args.vllm_tp} GPUs on {nodes} x {gpn}, "
+          f"{engines_per_node(args.vllm_tp, gpn)} engine(s) a node"
+          + (f", {idle} GPU(s) idle" if idle else ""))
+    mem = engine_memory(shape, args.vllm_tp, work)
+    print(format_engine_table([(args.engines, nodes, mem)], gpn, gpu_memory))
+    ok = mem.peak <= gpu_memory
+    seqs = mem.max_seqs(gpu_memory)
+    print(f"engine GPU: peak {mem.peak / GIB:.1f} GiB -> " + ("fits" if ok else "DOES NOT FIT")
+          + f"; KV room for {seqs} full-length sequences an engine, {seqs * args.engines} in all")
+    if not ok or args.suggest:
+        options = []
+        for vtp in (v for v in TP_SIZES if v <= gpn and shape.heads % v == 0):
+            m = engine_memory(shape, vtp, work)
+            if m.peak <= gpu_memory:
+                options.append((nodes * engines_per_node(vtp, gpn), nodes, m))
+        print(f"engine choices on the same {nodes} node(s) that fit:" if options
+              else "no engine choice fits; try fewer rollout sequences per GPU")
+        if options:
+            print(format_engine_table(options, gpn, gpu_memory))
+    return ok
+
+
+def _suggest(shape: Shape, args: argparse.Namespace, work: Workload, engines: int = 0) -> int:
+    plans = suggest_layouts(shape, args.nodes, args.gpus_per_node, args.gpu_memory_gib, work,
+                            engines=engines, vllm_tp=args.vllm_tp)
     if not plans:
         print("no layout fits; try recompute, more nodes, a shorter response or fewer "
               "rollout sequences")
         return 1
+    if engines:
+        print(format_trainer_table(plans[:args.top]))
+        print(f"{len(plans)} trainer layouts fit; cheapest first (smallest tp*pp*cp, then pp, "
+              "cp, tp)")
+        return 0
     print(format_table(plans[:args.top]))
     print(f"{len(plans)} layouts fit; cheapest first (smallest tp*pp*cp, then pp, cp, tp; "
           "each with its smallest vllm_tp that fits)")

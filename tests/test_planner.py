@@ -177,3 +177,119 @@ def test_cli_errors_name_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         planner.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- disaggregated rollout
+
+def _qwen3_32b():
+    return Shape.from_hf_config(_load("qwen3-32b.json"))
+
+
+def test_disaggregated_trainer_gpus_carry_no_vllm_memory():
+    """Disaggregated, a trainer GPU holds training state only: the colocated figures less the
+    engine's weights and KV cache, and its peak is the training phase."""
+    shape, work = _qwen3_32b(), Workload(seq_len=22528, micro_batch_tokens=22528)
+    colocated = planner.memory(shape, Layout(tp=8, dp=4, vllm_tp=4), work)
+    m = planner.memory(shape, Layout(tp=8, dp=4, vllm_tp=4, engines=24), work)
+    assert (m.vllm_weights, m.kv_cache) == (0, 0)
+    assert (m.weights, m.grads, m.optimizer, m.activations, m.logits, m.overhead) == (
+        colocated.weights, colocated.grads, colocated.optimizer, colocated.activations,
+        colocated.logits, colocated.overhead)
+    assert m.peak == m.train == m.weights + m.grads + m.optimizer + m.activations + m.logits \
+        + m.overhead
+    assert colocated.train - m.train == colocated.vllm_weights > 0
+    # What the engines hold is the same as colocated: engine_memory is one formula for both.
+    e = planner.engine_memory(shape, 4, work)
+    assert (e.weights, e.kv_cache, e.kv_per_seq) == (
+        colocated.vllm_weights, colocated.kv_cache, colocated.kv_per_seq)
+
+
+def test_engine_gpu_memory_by_hand():
+    """One GPU of a Qwen3-32B engine at vllm_tp 4: a quarter of the bf16 weights (norms whole),
+    K and V of 64 layers x 2 of the 8 KV heads x 128 per token, plus the 4 GiB overhead."""
+    h, d, a, g, f, v, layers = 5120, 128, 64, 8, 25600, 151936, 64
+    layer = (h * a * d + 2 * h * g * d + a * d * h + 3 * h * f) // 4 + 2 * h + 2 * d
+    params = layers * layer + v * h // 4 + h + v * h // 4       # untied embedding and output
+    e = planner.engine_memory(_qwen3_32b(), 4, Workload(seq_len=22528, rollout_seqs_per_gpu=4))
+    assert e.weights == 2 * params == 16_382_076_928
+    assert e.kv_per_seq == 2 * 64 * 2 * 128 * 2 * 22528 == 1_476_395_008
+    assert e.kv_cache == e.kv_per_seq * 4 * 4                   # 16 sequences an engine
+    assert e.peak == e.weights + e.kv_cache + 4 * planner.GIB
+    assert round(e.peak / planner.GIB, 1) == 41.3
+    assert e.max_seqs(80 * planner.GIB) == (80 * planner.GIB - e.weights - 4 * planner.GIB) \
+        // e.kv_per_seq == 44
+    # vllm_tp 8 > 8 KV heads / 8: one KV head per GPU, never less.
+    e8 = planner.engine_memory(_qwen3_32b(), 8, Workload(seq_len=22528))
+    assert e8.kv_per_seq == 2 * 64 * 1 * 128 * 2 * 22528
+
+
+def test_engine_placement():
+    assert planner.engine_nodes_needed(24, 4, 8) == 12
+    assert planner.engine_nodes_needed(25, 4, 8) == 13
+    assert planner.engine_nodes_needed(3, 8, 8) == 3
+    assert planner.engine_nodes_needed(3, 4, 6) == 3         # one engine a 6-GPU node
+    assert planner.engine_problems(24, 4, 12, 8) == []
+    assert planner.engine_problems(25, 4, 12, 8) == [
+        "25 engines x vllm_tp 4 = 100 GPUs do not fit on 12 engine node(s) x 8 GPUs: 2 engine(s) "
+        "a node (an engine stays within one node), 24 at most"]
+    assert planner.engine_problems(1, 16, 4, 8) == ["vllm_tp=16 spans nodes (gpus_per_node=8)"]
+    # The trainer's world need not be a multiple of vllm_tp when the engines are elsewhere.
+    shape = _qwen3_32b()
+    assert "world size 2 is not a multiple of vllm_tp=4" in planner.layout_problems(
+        shape, Layout(tp=2, vllm_tp=4), 8)
+    assert planner.layout_problems(shape, Layout(tp=2, vllm_tp=4, engines=1), 8) == []
+
+
+def test_disaggregated_suggestions_keep_vllm_tp_and_fit_more():
+    shape, work = _qwen3_32b(), Workload(seq_len=22528)
+    colocated = planner.suggest_layouts(shape, 2, 8, 80, work)
+    apart = planner.suggest_layouts(shape, 2, 8, 80, work, engines=4, vllm_tp=4)
+    assert {p.layout.vllm_tp for p in apart} == {4} and {p.layout.engines for p in apart} == {4}
+    assert all(p.memory.vllm_weights == p.memory.kv_cache == 0 for p in apart)
+    trainer = {(p.layout.tp, p.layout.pp, p.layout.cp) for p in apart}
+    assert {(p.layout.tp, p.layout.pp, p.layout.cp) for p in colocated} < trainer
+
+
+def test_cli_disaggregated_prints_the_trainer_and_the_engines(capsys):
+    path = os.path.join(HF_DIR, "qwen3-32b.json")
+    argv = ["--hf-config", path, "--nodes", "4", "--tp", "8", "--rollout-mode", "disaggregated",
+            "--engines", "24", "--vllm-tp", "4"]
+    assert planner.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "trainer 4 x 8 GPUs of 80 GiB, 24 vLLM engines of tp 4 on 12 x 8 more" in lines[0]
+    assert lines[1] == ("trainer (torchrun, NNODES x GPUS_PER_NODE): 4 x 8 = 32 ranks; no vLLM "
+                        "weights or KV cache on them")
+    assert lines[2].split() == ["tp", "pp", "cp", "dp", "weights", "grads", "optim", "activ",
+                                "logits", "peak"]
+    assert lines[3].split()[:4] == ["8", "1", "1", "4"]
+    assert lines[4].endswith("-> fits")
+    assert lines[5].startswith("engines (Ray actors, ENGINE_NODES x GPUS_PER_NODE): 24 x vllm_tp 4"
+                               " = 96 GPUs on 12 x 8, 2 engine(s) a node")
+    assert lines[7].split() == ["4", "24", "96", "12", "15.3", "22.0", "41.3", "44"]
+    assert lines[8] == ("engine GPU: peak 41.3 GiB -> fits; KV room for 44 full-length sequences "
+                        "an engine, 1056 in all")
+    # An engine that does not fit (vllm_tp 1: 61 GiB of weights) fails and lists the choices.
+    argv[-1] = "1"
+    argv[argv.index("--engines") + 1] = "8"
+    assert planner.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "engine GPU: peak 87.0 GiB -> DOES NOT FIT" in out
+    assert "engine choices on the same 1 node(s) that fit:" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engines", "2"], "--engines and --engine-nodes need --rollout-mode disaggregated"),
+    (["--rollout-mode", "disaggregated"], "needs --engines or --engine-nodes"),
+    (["--rollout-mode", "disaggregated", "--engines", "5", "--engine-nodes", "2", "--vllm-tp",
+      "4"], "5 engines x vllm_tp 4 = 20 GPUs do not fit on 2 engine node(s) x 8 GPUs"),
+    (["--rollout-mode", "disaggregated", "--engines", "1", "--vllm-tp", "16"],
+     "vllm_tp=16 spans nodes"),
+    (["--rollout-mode", "disaggregated", "--engines", "1", "--vllm-tp", "3", "--gpus-per-node",
+      "6"], "num_attention_heads=40 is not divisible by vllm_tp=3"),
+    (["--rollout-mode", "disaggregated", "--engines", "0"], "--engines must be positive"),
+])
+def test_cli_disaggregated_errors(argv, message, capsys):
+    argv = ["--hf-config", os.path.join(HF_DIR, "qwen3-14b-base.json"), "--nodes", "2"] + argv
+    with pytest.raises(SystemExit) as e:
+        planner.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
