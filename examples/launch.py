@@ -8,6 +8,11 @@ Run the same command on every node (only NODE_RANK differs). Rendezvous is torch
 from the usual variables: NNODES (default 1), NODE_RANK (0), MASTER_ADDR (required when
 NNODES > 1), MASTER_PORT (29500), GPUS_PER_NODE (8), GPU_MEMORY_GIB (80, for the memory check).
 
+With rollout.mode: disaggregated, NNODES counts the trainer's nodes only; the vLLM engines run as
+Ray actors on ENGINE_NODES other nodes of GPUS_PER_NODE GPUs (default: the fewest that hold
+rollout.engines engines of rollout.vllm_tp GPUs), which must already form a Ray cluster that
+node 0 has joined (`ray start`; the dry run prints the commands, docs/disaggregated.md).
+
 Before anything starts it validates, without a GPU, what `train` would reject at start-up: the
 config, the world size NNODES x GPUS_PER_NODE against tp x pp x cp and the batch sizes, the model
 config against the layout (heads, KV heads, FFN and layers divisible; vLLM engines within a node),
@@ -61,6 +66,7 @@ class Cluster:
     master_addr: str | None
     master_port: int
     gpu_memory_gib: float
+    engine_nodes: int | None = None   # disaggregated: nodes of the Ray engines (None: the fewest)
 
     @property
     def world(self) -> int:
@@ -72,7 +78,8 @@ class Cluster:
                 gpus_per_node=_env_int(env, "GPUS_PER_NODE", 8),
                 master_addr=env.get("MASTER_ADDR") or None,
                 master_port=_env_int(env, "MASTER_PORT", 29500),
-                gpu_memory_gib=float(env.get("GPU_MEMORY_GIB", "80")))
+                gpu_memory_gib=float(env.get("GPU_MEMORY_GIB", "80")),
+                engine_nodes=_env_int(env, "ENGINE_NODES", 0) or None)
         if c.node_rank >= c.nnodes:
             raise LaunchError(f"NODE_RANK={c.node_rank} must be < NNODES={c.nnodes}")
         return c
@@ -85,6 +92,17 @@ def torchrun_command(cluster: Cluster, config: str, overrides: list[str]) -> lis
             f"--nproc-per-node={cluster.gpus_per_node}",
             f"--master-addr={addr}", f"--master-port={cluster.master_port}",
             "-m", "megatron_rlvr", "train", "--config", config, *overrides]
+
+
+def ray_commands(ray_address: str, gpus_per_node: int) -> list[str]:
+    """Disaggregated: the `ray start` commands that make the engines' cluster, which trainer
+    node 0 joins without resources so that it can be the driver and no actor lands on it."""
+    host, _, port = ray_address.rpartition(":") if ":" in ray_address else ("", "", "")
+    head = f"{host}:{port}" if host and port.isdigit() else "$RAY_HEAD:6379"
+    port = port if host and port.isdigit() else "6379"
+    return [f"first engine node:   ray start --head --port={port} --num-gpus={gpus_per_node}",
+            f"other engine nodes:  ray start --address={head} --num-gpus={gpus_per_node}",
+            f"trainer node 0:      ray start --address={head} --num-gpus=0 --num-cpus=0"]
 
 
 def _same_architecture(a, b) -> list[str]:
@@ -124,11 +142,25 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
     check_layout(spec, p.tp, p.pp, p.cp)
     with open(planned_with) as f:
         shape = planner.Shape.from_hf_config(json.load(f), planned_with)
-    lay = planner.Layout(p.tp, p.pp, p.cp, dp, r.vllm_tp)
+    disaggregated = r.mode == "disaggregated"
+    lay = planner.Layout(p.tp, p.pp, p.cp, dp, r.vllm_tp, r.engines if disaggregated else 0)
     problems = planner.layout_problems(shape, lay, cluster.gpus_per_node)
     if problems:
         raise LaunchError(f"parallel layout {lay.tp}x{lay.pp}x{lay.cp}x{lay.dp} "
                           f"(vllm_tp {r.vllm_tp}): " + "; ".join(problems))
+    engine_nodes = cluster.engine_nodes or max(1, planner.engine_nodes_needed(
+        r.engines, r.vllm_tp, cluster.gpus_per_node))
+    if disaggregated:
+        problems = planner.engine_problems(r.engines, r.vllm_tp, engine_nodes,
+                                           cluster.gpus_per_node)
+        if problems:
+            raise LaunchError(f"rollout.engines={r.engines} x rollout.vllm_tp={r.vllm_tp} on "
+                              f"ENGINE_NODES={engine_nodes}: " + "; ".join(problems))
+        if launching and not r.ray_address:
+            raise LaunchError("rollout.ray_address is empty: trainer rank 0 would start a Ray of "
+                              "its own node, whose GPUs the trainer holds; start the engines' "
+                              "Ray cluster and set RAY_ADDRESS=<head>:6379 "
+                              "(docs/disaggregated.md)")
     missing = [f for f in cfg.data.train_files + cfg.data.val_files if not os.path.exists(f)]
     if missing:
         if launching:
@@ -151,17 +183,57 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
                             recompute=cfg.model.recompute_activations,
                             sequence_parallel=p.sequence_parallel, num_microbatches=micro)
     mem = planner.memory(shape, lay, work)
-    fits = mem.peak <= cluster.gpu_memory_gib * planner.GIB
+    gpu_memory = int(cluster.gpu_memory_gib * planner.GIB)
+    fits = mem.peak <= gpu_memory
     a = cfg.algorithm
+    world = f"world: {cluster.nnodes} nodes x {cluster.gpus_per_node} GPUs = {cluster.world} ranks"
+    rounds = (f"{t.gen_batch_size} prompts x {r.n} responses a round, up to "
+              f"{r.max_prompt_length} + {r.max_response_length} tokens")
+    if disaggregated:
+        world += " (the trainer, under torchrun; the engines are not among them)"
+        idle = engine_nodes * cluster.gpus_per_node - r.engines * r.vllm_tp
+        per_node = planner.engines_per_node(r.vllm_tp, cluster.gpus_per_node)
+        per_engine = -(-t.gen_batch_size // r.engines) * r.n  # prompts go round robin
+        pace = {0: "synchronous", 1: "one-step-off"}.get(r.max_staleness,
+                                                        f"up to {r.max_staleness} steps ahead")
+        c = cfg.reward
+        scoring = (f"{c.ray_actors} Ray reward actors x {c.num_workers} workers"
+                   if c.backend == "ray" else f"{c.num_workers} reward workers on trainer rank 0")
+        rollout = [
+            f"rollout: disaggregated, {r.engines} vLLM engines of tp {r.vllm_tp} as Ray actors "
+            f"on {engine_nodes} engine nodes x {cluster.gpus_per_node} GPUs ({per_node} a node"
+            + (f", {idle} GPUs idle" if idle else "") + f"); max_staleness {r.max_staleness} "
+            f"({pace}); {rounds} (up to {per_engine} sequences an engine); {scoring}",
+            "off-policy correction: " + (
+                f"on ({a.rollout_correction.level} level, {a.rollout_correction.method}, cap "
+                f"{a.rollout_correction.cap:g})"
+                if a.rollout_correction.active(off_policy=r.max_staleness > 0) else "off")
+            + f" (algorithm.rollout_correction.enabled={a.rollout_correction.enabled})",
+            "ray: " + (f"trainer rank 0 is the driver of the Ray cluster at {r.ray_address}; "
+                       "trainer node 0 must have joined it (see the ray commands below)"
+                       if r.ray_address else
+                       "rollout.ray_address is empty: rank 0 would start a local Ray on its own "
+                       "node; set RAY_ADDRESS to the engines' cluster (docs/disaggregated.md)")]
+    else:
+        rollout = [f"rollout: {cluster.world // r.vllm_tp} vLLM engines of tp {r.vllm_tp}, "
+                   + rounds]
+    engine_mem = []
+    if disaggregated:
+        e = planner.engine_memory(shape, r.vllm_tp, work)
+        engine_mem = [
+            f"memory (planner estimate, engine GPU): peak {e.peak / planner.GIB:.1f} GiB of "
+            f"{cluster.gpu_memory_gib:g} (weights {e.weights / planner.GIB:.1f}, KV cache "
+            f"{e.kv_cache / planner.GIB:.1f} for {work.rollout_seqs_per_gpu * r.vllm_tp} "
+            f"full-length sequences; room for {e.max_seqs(gpu_memory)}) -> "
+            + ("fits" if e.peak <= gpu_memory else "DOES NOT FIT; see `python -m megatron_rlvr "
+                                                     "plan --config ...`")]
     return [
         f"model: {spec.architecture}, {planner.total_params(shape):,} parameters "
         f"({planned_with})",
-        f"world: {cluster.nnodes} nodes x {cluster.gpus_per_node} GPUs = {cluster.world} ranks",
+        world,
         f"layout: TP{p.tp} x PP{p.pp} x CP{p.cp} x DP{dp} (ranks TP-fastest, then CP, DP, PP); "
         f"sequence parallel {'on' if p.sequence_parallel else 'off'}",
-        f"rollout: {cluster.world // r.vllm_tp} vLLM engines of tp {r.vllm_tp}, "
-        f"{t.gen_batch_size} prompts x {r.n} responses a round, up to "
-        f"{r.max_prompt_length} + {r.max_response_length} tokens",
+        *rollout,
         f"update: {t.train_batch_size} prompts a step = {t.train_batch_size // t.ppo_mini_batch_size}"
         f" optimizer steps of {seqs} sequences; {micro_desc}",
         f"algorithm: entropy_top_ratio {a.entropy_top_ratio}, lr {t.lr:g}, clip "
@@ -169,10 +241,14 @@ def check(config: str, overrides: list[str], cluster: Cluster, hf_config: str | 
         "objective: " + describe_objective(a.entropy_top_ratio, a.entropy_top_scope,
                                            a.entropy_loss_norm, a.entropy_select, a.loss_agg_mode),
         f"memory (planner estimate, stage {mem.stage}): peak {mem.peak / planner.GIB:.1f} GiB of "
-        f"{cluster.gpu_memory_gib:g} -> " + ("fits" if fits else "DOES NOT FIT; see "
-                                               "`python -m megatron_rlvr plan --config ...`"),
+        f"{cluster.gpu_memory_gib:g}"
+        + (" (no vLLM on the trainer's GPUs)" if disaggregated else "")
+        + " -> " + ("fits" if fits else "DOES NOT FIT; see "
+                                         "`python -m megatron_rlvr plan --config ...`"),
+        *engine_mem,
         f"fault handling: a rank stalled {t.collective_timeout_s:g} s ends the run, named by the "
-        f"watchdog; checkpoint.resume={cfg.checkpoint.resume}",
+        f"watchdog" + ("; so does a rollout engine dead or silent as long, named by the fleet"
+                       if disaggregated else "") + f"; checkpoint.resume={cfg.checkpoint.resume}",
         *notes]
 
 
@@ -183,7 +259,7 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate and print the torchrun command; start nothing")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. trainer.lr=1e-6")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # the run scripts put overrides before "$@"
     env = os.environ if env is None else env
     try:
         cluster = Cluster.from_env(env)
@@ -198,6 +274,10 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
         report.append("note: MASTER_ADDR is not set; every node needs it (node 0's address)")
     cmd = torchrun_command(cluster, args.config, args.overrides)
     print("\n".join(report))
+    cfg = load_config(args.config, args.overrides)
+    if cfg.rollout.mode == "disaggregated":
+        print("ray commands (before torchrun, from the same image; docs/disaggregated.md):\n  "
+              + "\n  ".join(ray_commands(cfg.rollout.ray_address, cluster.gpus_per_node)))
     print("torchrun command:\n  " + shlex.join(cmd))
     if args.dry_run:
         return 0
