@@ -309,3 +309,13 @@ def test_plan_reads_the_disaggregated_recipe(capsys):
     assert e.value.code == 2
     assert "24 engines x vllm_tp 4 = 96 GPUs do not fit on 11 engine node(s)" in \
         capsys.readouterr().err
+
+
+def test_docs_show_the_planners_output_for_the_disaggregated_recipe(capsys, monkeypatch):
+    """docs/disaggregated.md quotes `plan` on the recipe: it must be what the planner prints."""
+    doc = (ROOT / "docs" / "disaggregated.md").read_text()
+    block = doc.split("$ python -m megatron_rlvr plan ", 1)[1].split("\n```", 1)[0]
+    argv, expected = block.split("\n", 1)
+    monkeypatch.chdir(ROOT)
+    assert planner.main(argv.split()) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected
