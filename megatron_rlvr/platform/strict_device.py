@@ -30,7 +30,6 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ENV_VAR = "MEGATRON_RLVR_STRICT_DEVICE"
@@ -40,7 +39,19 @@ class DeviceMixError(RuntimeError):
     """An op or collective mixed device and host tensors (it would fail on a GPU)."""
 
 
-_DEVICE_STORAGES: dict[int, StorageWeakRef] = {}
+class _StorageRef(int):
+    """A weak reference to a storage: the handle `storage._weak_ref()` returns, freed when the
+    reference is dropped. What `StorageWeakRef` does, without its Python `__init__` and
+    `expired()`: the mode checks one for every tensor of every op."""
+    __slots__ = ()
+
+    def __del__(self, _free=torch.UntypedStorage._free_weak_ref, _int=int):
+        _free(_int(self))
+
+
+_expired = torch.UntypedStorage._expired  # of a _StorageRef: its storage was freed
+
+_DEVICE_STORAGES: dict[int, _StorageRef] = {}
 _HOST_GROUPS: set = set()
 _DEVICE_GENERATORS: dict[int, torch.Generator] = {}
 _ENABLED = False
@@ -99,13 +110,16 @@ def tree_flatten(obj):
     return _tensors(obj), None
 
 
+_STRIDED = torch.strided
+
+
 def _storage_key(t: torch.Tensor):
     """The identity of `t`'s storage, or None for what has no single plain storage (meta,
     sparse, and tensor subclasses such as torch_dist's ShardedTensor, whose attributes raise)."""
     if not isinstance(t, torch.Tensor):
         return None
     try:
-        if t.is_meta or t.layout != torch.strided:
+        if t.is_meta or t.layout is not _STRIDED:
             return None
         return t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError, AttributeError, TypeError):
@@ -114,24 +128,35 @@ def _storage_key(t: torch.Tensor):
 
 def is_device(t: torch.Tensor) -> bool:
     """True when `t` lives on the (simulated) device."""
-    key = _storage_key(t)
-    if key is None:
+    # _storage_key inlined: this runs for every tensor of every op
+    if not isinstance(t, torch.Tensor):
+        return False
+    try:
+        if t.is_meta or t.layout is not _STRIDED:
+            return False
+        key = t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
         return False
     ref = _DEVICE_STORAGES.get(key)
     if ref is None:
         return False
-    if ref.expired():  # the storage was freed and its address reused by a host tensor
-        del _DEVICE_STORAGES[key]
+    if _expired(ref):  # the storage was freed and its address reused by a host tensor
+        if _DEVICE_STORAGES.get(key) is ref:
+            _DEVICE_STORAGES.pop(key, None)
         return False
     return True
 
 
 def tag(obj):
     """Mark every tensor in `obj` (a tensor or a nest of them) as device; returns `obj`."""
-    for t in tree_flatten(obj)[0]:
+    for t in _tensors(obj):
         key = _storage_key(t)
         if key is not None:
-            _DEVICE_STORAGES[key] = StorageWeakRef(t.untyped_storage())
+            ref = _DEVICE_STORAGES.get(key)
+            # A live reference at this address is to this very storage: already device (views,
+            # in-place results). Otherwise (none, or one to a freed storage) record this one.
+            if ref is None or _expired(ref):
+                _DEVICE_STORAGES[key] = _StorageRef(t.untyped_storage()._weak_ref())
     return obj
 
 
@@ -175,15 +200,30 @@ def _fail(what: str, tensors) -> None:
         f"{_user_frame()}: on a GPU this fails; move the host tensor to platform.device()")
 
 
+# What the mode needs to know of an aten op, by id() of its OpOverload (those live as long as the
+# process; `_OPS` keeps them so): bits of the three kinds below, computed once per op.
+_TRANSFER, _NO_HOST_SCALAR, _KEEPS_TAGS = 1, 2, 4
+_OP_KIND: dict[int, int] = {}
+_OPS: list = []
+
+
+def _op_kind(func) -> int:
+    name = func._schema.name
+    kind = ((_TRANSFER if name in _TRANSFER_OPS else 0)
+            | (_NO_HOST_SCALAR if name in _NO_HOST_SCALAR_OPS else 0)
+            | (_KEEPS_TAGS if name in ("aten::copy_", "aten::set_") else 0))
+    _OPS.append(func)
+    _OP_KIND[id(func)] = kind
+    return kind
+
+
 class StrictDispatchMode(TorchDispatchMode):
     """Raises on ops that read device and host tensors together; tags results of device ops."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not enabled():
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        if not _ENABLED or _local.suspended:
             return out
-        func_name = func._schema.name
         tensors = _tensors(args)
         if kwargs:
             _tensors(kwargs, tensors)
@@ -191,24 +231,33 @@ class StrictDispatchMode(TorchDispatchMode):
             if _local.device_context:
                 tag(out)
             return out
-        device_in = [is_device(t) for t in tensors]
-        if any(device_in) and func_name not in _TRANSFER_OPS:
-            host = [t for t, d in zip(tensors, device_in)
-                    if not d and (t.dim() > 0 or func_name in _NO_HOST_SCALAR_OPS)]
-            if host:
-                _fail(f"op {func_name}", tensors)
+        kind = _OP_KIND.get(id(func))
+        if kind is None:
+            kind = _op_kind(func)
+        device_in = host_in = False
+        for t in tensors:
+            if is_device(t):
+                device_in = True
+            elif not host_in and (kind & _NO_HOST_SCALAR or t.dim() > 0):
+                host_in = True
+        if not device_in:
+            return out
+        if host_in and not kind & _TRANSFER:
+            _fail(f"op {func._schema.name}", tensors)
         # A result of an op on device tensors is on the device; so is a tensor that an op made
         # from nothing while a torch function on device tensors runs (a composite op's scratch,
         # created "on the input's device"). `torch_function` below untags explicit host copies.
-        if any(device_in) and func_name not in ("aten::copy_", "aten::set_"):
+        if not kind & _KEEPS_TAGS:
             tag(out)
         return out
 
 
 # ------------------------------------------------------------------------- torch functions
 
-def _getter_of(func, descriptor) -> bool:
-    return getattr(func, "__self__", None) is descriptor and func.__name__ == "__get__"
+_METHOD_WRAPPER = type(torch.Tensor.device.__get__)  # what a property read passes as `func`
+_DEVICE_GETTER, _IS_CUDA_GETTER = torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__
+_CUDA, _CPU, _TO, _TYPE, _NUMPY = (torch.Tensor.cuda, torch.Tensor.cpu, torch.Tensor.to,
+                                   torch.Tensor.type, torch.Tensor.numpy)
 
 
 def _is_cuda_arg(dev) -> bool:
@@ -227,12 +276,12 @@ def _is_cpu_arg(dev) -> bool:
 
 def _target(func, args, kwargs):
     """'device', 'host' or None: where this call explicitly puts its result."""
-    if func is torch.Tensor.cuda:
+    if func is _CUDA:
         return "device"
-    if func is torch.Tensor.cpu:
+    if func is _CPU:
         return "host"
-    dev = kwargs.get("device")
-    if func is torch.Tensor.to and dev is None and len(args) > 1 and \
+    dev = kwargs.get("device") if kwargs else None
+    if func is _TO and dev is None and len(args) > 1 and \
             isinstance(args[1], (str, int, torch.device)) and not isinstance(args[1], bool):
         dev = args[1]
     if dev is None:
@@ -245,13 +294,22 @@ def _local_index() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _any_device(tensors) -> bool:
+    for t in tensors:
+        if is_device(t):
+            return True
+    return False
+
+
 def torch_function(func, args, kwargs, call):
     """The strict side of the CPU layer's torch-function mode; `call` does the redirecting."""
-    if _getter_of(func, torch.Tensor.device):
-        return torch.device("cuda", _local_index()) if is_device(args[0]) else call(func, args, kwargs)
-    if _getter_of(func, torch.Tensor.is_cuda):
-        return is_device(args[0])
-    if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+    if type(func) is _METHOD_WRAPPER:  # a property read: `func` is the descriptor's __get__
+        if func == _DEVICE_GETTER:
+            return torch.device("cuda", _local_index()) if is_device(args[0]) else \
+                call(func, args, kwargs)
+        if func == _IS_CUDA_GETTER:
+            return is_device(args[0])
+    elif func is _TYPE and len(args) == 1 and not kwargs:
         name = func(*args)  # what a GPU reports for a device tensor (Megatron's optimizers check)
         if is_device(args[0]) and name.startswith("torch.") and not name.startswith("torch.cuda."):
             return "torch.cuda." + name[len("torch."):]
@@ -259,22 +317,23 @@ def torch_function(func, args, kwargs, call):
     tensors = _tensors(args)
     if kwargs:
         _tensors(kwargs, tensors)
-    if func is torch.Tensor.numpy and is_device(args[0]):
+    if func is _NUMPY and is_device(args[0]):
         _fail("numpy() of a device tensor", tensors)
     target = _target(func, args, kwargs)
-    gen = kwargs.get("generator")
-    if target == "device" and gen is not None and id(gen) not in _DEVICE_GENERATORS:
-        raise DeviceMixError(f"{getattr(func, '__name__', func)} on the device with a host "
-                             f"torch.Generator at {_user_frame()}: use platform.generator()")
+    if target == "device" and kwargs:
+        gen = kwargs.get("generator")
+        if gen is not None and id(gen) not in _DEVICE_GENERATORS:
+            raise DeviceMixError(f"{getattr(func, '__name__', func)} on the device with a host "
+                                 f"torch.Generator at {_user_frame()}: use platform.generator()")
     previous = _local.device_context
     _local.device_context = target == "device" or (target is None and (
-        previous or any(is_device(t) for t in tensors)))
+        previous or _any_device(tensors)))
     try:
         out = call(func, args, kwargs)
     finally:
         _local.device_context = previous
     if target == "device":
-        if func in (torch.Tensor.cuda, torch.Tensor.to) and isinstance(out, torch.Tensor) and \
+        if (func is _CUDA or func is _TO) and isinstance(out, torch.Tensor) and \
                 out is args[0] and not is_device(out):
             out = out.clone()  # a host tensor moved to the device is a new tensor
         tag(out)
