@@ -33,6 +33,10 @@ from megatron_rlvr.generation import Group, GroupSummary, Round
 from megatron_rlvr.rollout.base import RolloutError, SamplingParams
 
 
+class RolloutNotReady(RolloutError):
+    """`take` waited its timeout and the step's rollout is still being made."""
+
+
 @dataclass
 class StepBatch:
     """What one RL step trains on: the chosen groups' summaries (train_batch_size, generation
@@ -122,9 +126,8 @@ class RolloutProducer:
             if self._error is not None:
                 raise self._error
             assert not done
-            raise RolloutError(f"the rollout of step {step} did not finish within {timeout_s:.0f} "
-                               "s (trainer.collective_timeout_s): the rollout engines are too "
-                               "slow or stuck")
+            raise RolloutNotReady(f"the rollout of step {step} did not finish within "
+                                  f"{timeout_s:.0f} s")
 
     def weights_synced(self, version: int) -> None:
         """The engines now hold policy version `version`: later steps may start."""

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr import checkpoint as ckpt
-from megatron_rlvr import platform
+from megatron_rlvr import platform, watchdog
 from megatron_rlvr.algos.dynamic_sampling import GroupAccumulator
 from megatron_rlvr.algos.objective import describe_objective
 from megatron_rlvr.algos.high_entropy import (LossSettings, dapo_loss, select_mini_batch,
@@ -53,7 +53,8 @@ from megatron_rlvr.parallel import destroy_distributed, host_group, init_distrib
 from megatron_rlvr.policy import OptimConfig, Policy
 from megatron_rlvr.rewards.pool import RewardPool
 from megatron_rlvr.rollout.base import RolloutError, SamplingParams
-from megatron_rlvr.step_rollout import RolloutProducer, StepBatch, collect_step
+from megatron_rlvr.step_rollout import (RolloutNotReady, RolloutProducer, StepBatch,
+                                        collect_step)
 
 
 class TrainingAborted(RuntimeError):
@@ -409,18 +410,28 @@ class Trainer:
     def _take_step_batch(self) -> StepBatch:
         """Disaggregated: rank 0 takes the step's batch from its producer and broadcasts the
         summaries (or the producer's error, so that every rank stops with it); the payloads stay
-        on rank 0 until the exchange sends them to the ranks that train on them."""
-        payload = [None]
-        if self.rank == 0:
-            try:
-                batch = self.producer.take(self.step, self.cfg.trainer.collective_timeout_s * 0.9)
-                payload = [("ok", (batch.chosen, batch.generated, batch.stats))]
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                payload = [("error", e)]
-        dist.broadcast_object_list(payload, src=0, group=host_group())
-        kind, value = payload[0]
-        if kind == "error":
-            raise value
+        on rank 0 until the exchange sends them to the ranks that train on them. While the
+        rollout runs, rank 0 broadcasts a heartbeat every quarter of the collective timeout: a
+        step's rollout may take longer than one collective may wait, and a hung engine is caught
+        by the fleet's own deadline on each call, which names it."""
+        poll = self.cfg.trainer.collective_timeout_s / 4
+        while True:
+            payload = [None]
+            if self.rank == 0:
+                try:
+                    batch = self.producer.take(self.step, poll)
+                    payload = [("ok", (batch.chosen, batch.generated, batch.stats))]
+                except RolloutNotReady:
+                    payload = [("wait", None)]
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                    payload = [("error", e)]
+            dist.broadcast_object_list(payload, src=0, group=host_group())
+            watchdog.progress()
+            kind, value = payload[0]
+            if kind == "error":
+                raise value
+            if kind == "ok":
+                break
         if self.rank == 0:
             return batch
         chosen, generated, stats = value
@@ -582,8 +593,6 @@ class Trainer:
         """Shut down in order: the stall watchdog first (its thread must be gone before the
         process groups and the interpreter, see watchdog.stop), then the reward workers, vLLM
         (its cleanup also destroys the default process group), the loggers."""
-        from megatron_rlvr import watchdog
-
         watchdog.stop()
         if self.producer is not None:
             self.producer.stop(timeout_s=0)

@@ -39,6 +39,16 @@ _PREFIX = "megatron_rlvr/watchdog/"
 _started: "Watchdog | None" = None
 
 
+_progress = 0
+
+
+def progress() -> None:
+    """The main thread is alive and waiting on purpose (a disaggregated rank 0 for its rollout,
+    its peers for rank 0's heartbeat broadcasts): not a stall, though no training collective runs."""
+    global _progress
+    _progress += 1
+
+
 def heartbeat_interval(timeout_s: float) -> float:
     return min(30.0, max(0.5, timeout_s / 5))
 
@@ -127,8 +137,8 @@ class Watchdog:
 
     def beat(self) -> tuple[int, str]:
         seq, stack, where = self._sample()
-        if (seq, stack) != self.state:
-            self.state, self.last_change = (seq, stack), time.monotonic()
+        if (seq, stack, _progress) != self.state:
+            self.state, self.last_change = (seq, stack, _progress), time.monotonic()
         self.store.set(f"hb/{self.rank}", json.dumps({"t": time.time(), "seq": seq,
                                                       "where": where}))
         return seq, where

@@ -10,7 +10,7 @@ import pytest
 
 from megatron_rlvr.data.dataset import PromptSampler
 from megatron_rlvr.rollout.base import RolloutError
-from megatron_rlvr.step_rollout import RolloutProducer, StepBatch
+from megatron_rlvr.step_rollout import RolloutNotReady, RolloutProducer, StepBatch
 
 
 class Recorder:
@@ -107,7 +107,7 @@ def test_error_reaches_take_and_a_stuck_rollout_times_out():
     stuck = RolloutProducer(lambda step: gate.wait() and StepBatch([], [], None, {}), sampler,
                             first_step=1, max_staleness=0, synced_version=0).start()
     start = time.time()
-    with pytest.raises(RolloutError, match="rollout of step 1 did not finish within 0 s"):
+    with pytest.raises(RolloutNotReady, match="rollout of step 1 did not finish within 0 s"):
         stuck.take(1, timeout_s=0.3)
     assert time.time() - start < 2
     gate.set()
