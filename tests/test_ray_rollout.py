@@ -137,13 +137,17 @@ def test_one_step_off_learns_the_demo_task(demo_prepared, tmp_path):
 
 def test_engine_killed_mid_run_is_named_and_nothing_hangs(setup, tmp_path):
     """SIGKILL the engine actor once step 1 is logged: every rank exits non-zero within a bounded
-    time, the error names the engine, and the run's Ray is gone."""
+    time, the error names the engine, and the run's Ray is gone. The run checkpoints every step
+    at max_staleness 1: each checkpoint's prompt sampler is where it was before the first
+    untrained step drew (k steps x 4 prompts), not after the rollout made ahead, so a resume
+    neither skips nor repeats prompts."""
     root, cfg = setup
     before = _ray_pids()
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "megatron_rlvr", "train", "--config", str(cfg), f"logging.output_dir={out}",
-           *DISAGGREGATED, "rollout.engines=1", "rollout.max_staleness=1", "trainer.total_steps=50"]
+           *DISAGGREGATED, "rollout.engines=1", "rollout.max_staleness=1", "trainer.total_steps=50",
+           "checkpoint.save_every=1", "checkpoint.keep_last=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -168,5 +172,12 @@ def test_engine_killed_mid_run_is_named_and_nothing_hangs(setup, tmp_path):
     assert "rollout engine 0 of 1" in output and str(engines[0]) in output, output[-6000:]
     assert elapsed < 200, elapsed
     assert len(_metrics(out)) < 50
+    import torch
+
+    saved = sorted((out / "checkpoints").glob("step_*/extra.pt"))
+    assert saved, list(out.iterdir())
+    for path in saved:
+        extra = torch.load(path, weights_only=False)
+        assert (extra["sampler"]["epoch"], extra["sampler"]["position"]) == (0, 4 * extra["step"])
     time.sleep(2)
     assert _ray_pids() <= before, "Ray processes left behind"
