@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -231,4 +230,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the checkpoint save re-imports this module in a helper process
-    sys.exit(main())
+    from megatron_rlvr.fast_exit import exit_now
+    exit_now(main())  # the exit code of main(), without the interpreter's teardown

@@ -13,7 +13,6 @@ or FAIL (exit code 1). Run it before trusting a conversion or a new layout.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.distributed as dist
@@ -129,4 +128,5 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    from megatron_rlvr.fast_exit import exit_now
+    exit_now(cli())  # the exit code of cli(), without the interpreter's teardown

@@ -106,7 +106,18 @@ def cmd_config(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command and return its exit code. Called with argv=None, i.e. as the process's own
+    command line (`python -m megatron_rlvr`, every torchrun rank), a command that returns ends the
+    process here with that code, without the interpreter's teardown (`fast_exit.exit_now`: seconds
+    of CPU per rank once torch, Megatron-Core and vLLM are loaded); the commands close what they
+    wrote before they return. An exception still propagates (traceback, exit code 1)."""
+    if argv is None:
+        from megatron_rlvr.fast_exit import exit_now
+        exit_now(_main(list(sys.argv[1:])))
+    return _main(list(argv))
+
+
+def _main(argv: list) -> int:
     # vLLM logs every weight reload at INFO; keep the trainer's one line per step readable.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if argv and argv[0] == "plan":  # the planner has its own argument parser

@@ -8,6 +8,8 @@ Runs in its own process: vLLM changes the thread count and RNG of the process th
 import os
 import sys
 
+from megatron_rlvr.fast_exit import exit_now
+
 
 def main(hf_dir: str) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -35,3 +37,4 @@ def main(hf_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_entropy import TOL, random_logits, reference  # noqa: E402
 
 from megatron_rlvr import platform  # noqa: E402
+from megatron_rlvr.fast_exit import exit_now  # noqa: E402
 from megatron_rlvr.ops import logprobs_and_entropy, logprobs_and_entropy_from_hidden  # noqa: E402
 
 
@@ -136,3 +137,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)

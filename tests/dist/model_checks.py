@@ -28,6 +28,7 @@ from megatron_rlvr.models.pipeline import cp_gather, cp_slice, gather_vocab, run
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
 from megatron_rlvr.policy import OptimConfig, Policy
+from megatron_rlvr.fast_exit import exit_now
 
 
 def reference(hf_dir, tokens):
@@ -197,3 +198,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

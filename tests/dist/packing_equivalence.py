@@ -36,6 +36,7 @@ from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
 from megatron_rlvr.partition import fixed_plan, padded_length, token_budget_plan
 from megatron_rlvr.policy import OptimConfig, Policy
+from megatron_rlvr.fast_exit import exit_now
 
 MICRO_BATCH = 4
 SEED = 27  # the entropy gap at the top-20% threshold is 1.9e-4 (see threshold_gap)
@@ -197,3 +198,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

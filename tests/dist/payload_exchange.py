@@ -33,6 +33,7 @@ from megatron_rlvr.generation import Group, gather_groups, share_summaries
 from megatron_rlvr.models.pipeline import sequence_length_multiple
 from megatron_rlvr.parallel import host_group, init_distributed
 from megatron_rlvr.partition import fixed_plan, padded_length, token_budget_plan
+from megatron_rlvr.fast_exit import exit_now
 
 N = 4             # responses per group
 PER_ROUND = 10    # groups generated per round
@@ -189,3 +190,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

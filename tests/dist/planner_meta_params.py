@@ -14,6 +14,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megatron_rlvr import planner, platform
 from megatron_rlvr.models.builder import build_model
 from megatron_rlvr.models.spec import read_model_spec
+from megatron_rlvr.fast_exit import exit_now
 
 platform.setup()
 from megatron.core import parallel_state as ps  # noqa: E402
@@ -40,4 +41,4 @@ for case in sys.argv[1:]:
               f"megatron {ours:,} planner {planned:,}", flush=True)
         ps.destroy_model_parallel()
         dist.destroy_process_group()
-sys.exit(1 if failed else 0)
+exit_now(1 if failed else 0)  # without the interpreter's teardown

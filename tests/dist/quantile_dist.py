@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_rlvr import platform
 from megatron_rlvr.ops.quantile import kth_largest, top_ratio_mask
+from megatron_rlvr.fast_exit import exit_now
 
 RATIOS = (0.0, 0.2, 1.0, 1e-9)  # 1e-9 gives k = 1
 
@@ -170,3 +171,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

@@ -25,6 +25,7 @@ from megatron_rlvr.algos.high_entropy import LossSettings, dapo_loss, token_stat
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, init_distributed
 from megatron_rlvr.policy import OptimConfig, Policy
+from megatron_rlvr.fast_exit import exit_now
 
 
 def one_step(spec, hf_dir, mb, mask, ratio, select):
@@ -87,3 +88,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

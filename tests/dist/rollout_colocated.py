@@ -17,6 +17,7 @@ from hf_reference import hf_greedy
 from megatron_rlvr import platform
 from megatron_rlvr.models.tiny import save_tiny_model
 from megatron_rlvr.rollout import SamplingParams, VLLMEngine, VLLMEngineConfig
+from megatron_rlvr.fast_exit import exit_now
 
 
 def main():
@@ -72,3 +73,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

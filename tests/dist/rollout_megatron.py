@@ -21,6 +21,7 @@ from megatron_rlvr.policy import OptimConfig, Policy
 from hf_reference import hf_greedy
 from megatron_rlvr.rollout import (SamplingParams, VLLMEngine, VLLMEngineConfig,
                                    logprob_mismatch)
+from megatron_rlvr.fast_exit import exit_now
 
 TEMPERATURE = 0.8
 
@@ -105,3 +106,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # skip the interpreter's teardown (megatron_rlvr/fast_exit.py)

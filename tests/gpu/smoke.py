@@ -800,4 +800,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    try:  # the exit code of main(), without the interpreter's teardown (seconds per worker)
+        from megatron_rlvr.fast_exit import exit_now
+    except ImportError:  # megatron_rlvr not importable: a plain exit
+        sys.exit(code)
+    exit_now(code)
