@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from megatron_rlvr.models.spec import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are cut: the planner and dry runs need none
+    import torch
 
 
 class Layout(enum.Enum):
@@ -65,6 +67,7 @@ def hf_shapes(spec: ModelSpec, rule: Rule) -> list[tuple[int, ...]]:
 def to_megatron_shard(spec: ModelSpec, rule: Rule, tensors: list[torch.Tensor], tp_rank: int,
                       tp: int) -> torch.Tensor:
     """This tp rank's shard of the Megatron parameter made from the HF `tensors`."""
+    import torch
     layout = rule.layout
     if layout is Layout.REPLICATED:
         return tensors[0]
@@ -92,6 +95,7 @@ def to_megatron_shard(spec: ModelSpec, rule: Rule, tensors: list[torch.Tensor], 
 
 def to_hf(spec: ModelSpec, rule: Rule, shards: list[torch.Tensor]) -> list[torch.Tensor]:
     """The HF tensors of `rule` rebuilt from every tp rank's shard, in tp-rank order."""
+    import torch
     layout = rule.layout
     if layout is Layout.REPLICATED:
         return [shards[0]]
