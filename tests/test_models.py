@@ -2,7 +2,9 @@
 
 The multi-process checks run tests/dist/model_checks.py under torchrun (gloo, 4 CPU processes),
 including one optimizer step against transformers autograd (the weights after the step to 1e-5):
-the tied Qwen3 at every layout, the untied Llama too at TP2×PP2 and TP2×CP2.
+the tied Qwen3 at every layout, the untied Llama too at TP2×PP2 and TP2×CP2. The three 4-process
+layouts share one launch (the groups re-formed between them, each layout's lines and messages
+tagged with it); each layout is still its own test, on its own lines and losses.
 """
 import json
 import os
@@ -35,21 +37,29 @@ def tiny_models(tmp_path_factory):
     return dirs
 
 
-def _run(tmp_path, nproc, tp, pp, cp, dirs):
-    out = tmp_path / f"losses_tp{tp}_pp{pp}_cp{cp}.json"
-    log = torchrun(ROOT / "tests/dist/model_checks.py", nproc, "--tp", str(tp), "--pp", str(pp),
-                   "--cp", str(cp), "--out", str(out), "--step-models", "0,3" if tp > 1 else "0",
-                   *dirs)
-    assert log.count("parity ") >= len(dirs)
-    assert "one step Qwen3ForCausalLM tie=True: weights within" in log, log[-3000:]
+def _launch(out_dir, nproc, layouts, dirs):
+    """One launch checking `layouts` [(tp, pp, cp), ...] in turn; its output."""
+    spec = ",".join(f"{tp}x{pp}x{cp}:" + ("0+3" if tp > 1 else "0") for tp, pp, cp in layouts)
+    return torchrun(ROOT / "tests/dist/model_checks.py", nproc, "--layouts", spec,
+                    "--out", str(out_dir), *dirs)
+
+
+def _result(log, out_dir, tp, pp, cp, dirs):
+    """What the launch says of one layout (its lines carry its tag): checked; its losses."""
+    tag = f"[tp{tp} pp{pp} cp{cp}] "
+    mine = "\n".join(line for line in log.splitlines() if tag in line)[-3000:]
+    assert log.count(f"{tag}parity ") >= len(dirs), mine or log[-3000:]
+    assert f"{tag}one step Qwen3ForCausalLM tie=True: weights within" in log, mine or log[-3000:]
     if tp > 1:
-        assert "one step LlamaForCausalLM tie=False: weights within" in log, log[-3000:]
-    return json.loads(out.read_text())
+        assert f"{tag}one step LlamaForCausalLM tie=False: weights within" in log, \
+            mine or log[-3000:]
+    return json.loads((out_dir / f"losses_tp{tp}_pp{pp}_cp{cp}.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def tp1_result(tiny_models, tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("tp1"), 1, 1, 1, 1, tiny_models)
+    out_dir = tmp_path_factory.mktemp("tp1")
+    return _result(_launch(out_dir, 1, [(1, 1, 1)], tiny_models), out_dir, 1, 1, 1, tiny_models)
 
 
 def test_parity_export_and_training_tp1(tp1_result):
@@ -58,11 +68,20 @@ def test_parity_export_and_training_tp1(tp1_result):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
+LAYOUTS = [(2, 2, 1), (2, 1, 2), (1, 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def layouts_run(tiny_models, tmp_path_factory):
+    """The three 4-process layouts in one launch: its output and the folder of its losses."""
+    out_dir = tmp_path_factory.mktemp("layouts")
+    return _launch(out_dir, 4, LAYOUTS, tiny_models), out_dir
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,cp", [(2, 2, 1), (2, 1, 2), (1, 1, 2)],
-                         ids=["TP2xPP2", "TP2xCP2", "DP2xCP2"])
-def test_layouts_match_transformers_and_tp1(tp, pp, cp, tiny_models, tp1_result, tmp_path):
-    result = _run(tmp_path, 4, tp, pp, cp, tiny_models)
+@pytest.mark.parametrize("tp,pp,cp", LAYOUTS, ids=["TP2xPP2", "TP2xCP2", "DP2xCP2"])
+def test_layouts_match_transformers_and_tp1(tp, pp, cp, tiny_models, tp1_result, layouts_run):
+    result = _result(*layouts_run, tp, pp, cp, tiny_models)
     for step, (a, b) in enumerate(zip(result["losses"], tp1_result["losses"])):
         assert abs(a - b) < 1e-5, f"step {step}: loss {a} vs TP1 {b}"
     for step, (a, b) in enumerate(zip(result["grad_norms"], tp1_result["grad_norms"])):

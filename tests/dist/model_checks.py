@@ -1,15 +1,18 @@
-"""Run under torchrun: parity with transformers, export roundtrip and training for one layout.
+"""Run under torchrun: parity with transformers, export roundtrip and training, for each layout.
 
-    torchrun --nproc_per_node=N tests/dist/model_checks.py --tp T --pp P --cp C --out FILE DIR...
+    torchrun --nproc_per_node=N tests/dist/model_checks.py --layouts TxPxC[:I+J],... --out DIR DIRS
 
-For every HF model directory: build our Megatron model at the layout, load the weights, compare
-logits and next-token log-probs with transformers (float32) at 1e-4; stream the weights back to HF
-names and compare them bitwise with the safetensors files. For the first model, also train 5 steps
-with Megatron DDP + distributed optimizer on a fixed batch and write the losses to FILE (JSON) so
-the test can compare trajectories across layouts. For the models --step-models names (by position;
-tests/test_models.py: the tied Qwen3 and the untied Llama), one optimizer step against
-transformers autograd: the
-weights after the step equal, to 1e-5, w - lr·g/(|g| + eps) with g the float64 gradient of the same
+The layouts (tensor x pipeline x context parallel sizes) run in turn in one launch, the parallel
+groups re-formed between them; every line a layout prints starts with its tag, `[tp2 pp2 cp1]`,
+and so do its assertion messages. For each layout and every HF model directory: build our
+Megatron model at the layout, load the weights, compare logits and next-token log-probs with
+transformers (float32) at 1e-4; stream the weights back to HF names and compare them bitwise
+with the safetensors files. For the first model, also train 5 steps with Megatron DDP +
+distributed optimizer on a fixed batch and write the losses to DIR/losses_tp{T}_pp{P}_cp{C}.json
+so the test can compare trajectories across layouts. For the models a layout's `:I+J` suffix
+names (positions in DIRS; --step-models without a suffix; tests/test_models.py: the tied Qwen3,
+and the untied Llama at TP2), one optimizer step against transformers autograd: the weights
+after the step equal, to 1e-5, w - lr·g/(|g| + eps) with g the float64 gradient of the same
 token-mean cross-entropy in transformers (Adam's first step without weight decay, bias-corrected;
 eps = 1 makes it a smooth function of the gradient rather than its sign; no clipping).
 """
@@ -56,8 +59,8 @@ def check_parity(hf_dir, spec, tokens):
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tokens[:, 1:, None])
         lp_ref = torch.log_softmax(ref[:, :-1], -1).gather(-1, tokens[:, 1:, None])
         d_lp = (lp - lp_ref).abs().max().item()
-        assert d < 1e-4 and d_lp < 1e-4, f"{hf_dir}: logits diff {d}, logprob diff {d_lp}"
-        print(f"parity {spec.architecture} tie={spec.tie_embeddings}: logits {d:.2e} "
+        assert d < 1e-4 and d_lp < 1e-4, f"{TAG}{hf_dir}: logits diff {d}, logprob diff {d_lp}"
+        print(f"{TAG}parity {spec.architecture} tie={spec.tie_embeddings}: logits {d:.2e} "
               f"logprobs {d_lp:.2e}", flush=True)
     return model
 
@@ -66,14 +69,14 @@ def check_export(hf_dir, spec, model):
     original = load_file(f"{hf_dir}/model.safetensors")
     seen = set()
     for name, tensor in iter_hf_weights(model, spec):
-        assert name not in seen, f"{name} exported twice"
+        assert name not in seen, f"{TAG}{name} exported twice"
         seen.add(name)
-        assert name in original, f"exported unexpected tensor {name}"
+        assert name in original, f"{TAG}exported unexpected tensor {name}"
         tensor = tensor.cpu()  # exported from the device; the safetensors file is on the host
         assert tensor.dtype == original[name].dtype and torch.equal(tensor, original[name]), \
-            f"{name} differs after the roundtrip"
+            f"{TAG}{name} differs after the roundtrip"
     missing = set(original) - seen
-    assert not missing, f"not exported: {sorted(missing)}"
+    assert not missing, f"{TAG}not exported: {sorted(missing)}"
 
 
 def ce_loss(mb, logits):
@@ -144,7 +147,7 @@ def check_one_step(hf_dir, spec, tokens):
     logp = torch.log_softmax(hf(input_ids=ids).logits, -1).gather(-1, lab[..., None])[..., 0]
     loss = -(logp * m).sum() / m.sum()
     loss.backward()
-    assert abs(loss.item() - r.loss) < 1e-5, (loss.item(), r.loss)
+    assert abs(loss.item() - r.loss) < 1e-5, (TAG, loss.item(), r.loss)
     worst, moved = 0.0, 0.0
     for name, p in hf.named_parameters():
         if name not in got:  # a tied lm_head is the embedding
@@ -153,26 +156,44 @@ def check_one_step(hf_dir, spec, tokens):
         worst = max(worst, (got[name].double() - want).abs().max().item())
         moved = max(moved, (want - p.detach()).abs().max().item())
     assert len(got) == len({n for n, _ in hf.named_parameters()} & set(got))
-    assert worst < 1e-5 and moved > 1e-3, f"{hf_dir}: weights off by {worst} (step {moved})"
+    assert worst < 1e-5 and moved > 1e-3, f"{TAG}{hf_dir}: weights off by {worst} (step {moved})"
     if dist.get_rank() == 0:
-        print(f"one step {spec.architecture} tie={spec.tie_embeddings}: weights within "
+        print(f"{TAG}one step {spec.architecture} tie={spec.tie_embeddings}: weights within "
               f"{worst:.1e} of transformers autograd (largest change {moved:.1e}; "
               f"{time.time() - start:.1f} s)", flush=True)
     del policy
 
 
+TAG = ""  # the layout being checked, "[tp2 pp2 cp1] ": prefixes its lines and messages
+
+
 def main():
+    global TAG
     p = argparse.ArgumentParser()
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--layouts", default="1x1x1",
+                   help="comma-separated TPxPPxCP layouts, checked in turn in this launch, each "
+                        "optionally with :I+J, its --step-models")
+    p.add_argument("--out", required=True, help="directory for losses_tp{T}_pp{P}_cp{C}.json")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--step-models", default="0", help="comma-separated positions in DIR...")
     p.add_argument("dirs", nargs="+")
     args = p.parse_args()
-    step_models = {int(x) for x in args.step_models.split(",") if x}
-    init_distributed(args.tp, args.pp, args.cp, seed=0)
+    for layout in args.layouts.split(","):
+        layout, _, steps = layout.partition(":")
+        steps = steps.replace("+", ",") if steps else args.step_models
+        step_models = {int(x) for x in steps.split(",") if x}
+        tp, pp, cp = (int(x) for x in layout.split("x"))
+        TAG = f"[tp{tp} pp{pp} cp{cp}] "
+        check_layout(tp, pp, cp, args, step_models)
+    destroy_distributed()
+
+
+def check_layout(tp, pp, cp, args, step_models):
+    from megatron.core import parallel_state
+
+    init_distributed(tp, pp, cp, seed=0)
+    if dist.get_rank() == 0:
+        print(f"{TAG}begins", flush=True)
     dev = platform.device()  # the inputs live where the model does (cuda:<local rank> on a GPU)
     tokens = None
     result = {}
@@ -190,10 +211,11 @@ def main():
         if k in step_models:
             check_one_step(hf_dir, spec, tokens)
     if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
+        with open(f"{args.out}/losses_tp{tp}_pp{pp}_cp{cp}.json", "w") as f:
             json.dump(result, f)
-        print("losses", result["losses"], flush=True)
-    destroy_distributed()
+        print(f"{TAG}losses", result["losses"], flush=True)
+    dist.barrier()
+    parallel_state.destroy_model_parallel()  # the next layout forms its own groups
 
 
 if __name__ == "__main__":
