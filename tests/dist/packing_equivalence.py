@@ -20,6 +20,11 @@ move a weight by ±lr).
 
     torchrun --nproc_per_node=4 tests/dist/packing_equivalence.py --tp 2 --cp 2 --sp HF_DIR
     torchrun --nproc_per_node=4 tests/dist/packing_equivalence.py --pp 2 HF_DIR   (PP2 x DP2)
+    torchrun --nproc_per_node=4 tests/dist/packing_equivalence.py --layouts 2x1x2,1x2x1 HF_DIR
+
+--layouts (TPxPPxCP, comma-separated) checks several layouts in turn in one launch, the parallel
+groups re-formed between them; each layout's lines and assertion messages start with its tag,
+`[tp2 pp1 cp2]`.
 """
 import argparse
 from functools import partial
@@ -139,7 +144,8 @@ def run(args, spec, mbs, s: LossSettings, old_pass: str = "noisy") -> dict:
 
 
 def compare(name, ref, got, rank):
-    assert not ref["skipped"] and not got["skipped"]
+    name = TAG + name
+    assert not ref["skipped"] and not got["skipped"], name
     assert abs(ref["loss"] - got["loss"]) <= 1e-6, (name, ref["loss"], got["loss"])
     assert abs(ref["grad_norm"] - got["grad_norm"]) <= 1e-6 * max(1.0, ref["grad_norm"]), \
         (name, ref["grad_norm"], got["grad_norm"])
@@ -150,12 +156,13 @@ def compare(name, ref, got, rank):
     assert worst <= 1e-6, (name, worst)
     assert moved > 1e-4, (name, "the step did not move the weights", moved)
     if rank == 0:
-        print(f"ok {name}: loss {got['loss']:.6f} (reference {ref['loss']:.6f}), weights within "
-              f"{worst:.1e} (step moved them {moved:.1e}), tokens {got['tokens']:.0f} vs reference "
-              f"{ref['tokens']:.0f}", flush=True)
+        print(f"{TAG}ok {name[len(TAG):]}: loss {got['loss']:.6f} (reference {ref['loss']:.6f}), "
+              f"weights within {worst:.1e} (step moved them {moved:.1e}), tokens "
+              f"{got['tokens']:.0f} vs reference {ref['tokens']:.0f}", flush=True)
 
 
 INITIAL: dict = {}
+TAG = ""  # the layout being checked, "[tp2 pp1 cp2] ": prefixes its lines and messages
 
 
 def main():
@@ -164,8 +171,18 @@ def main():
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--sp", action="store_true")
+    p.add_argument("--layouts", help="TPxPPxCP,...: these layouts in turn (not --tp/--pp/--cp)")
     p.add_argument("hf_dir")
     args = p.parse_args()
+    global TAG
+    for layout in (args.layouts or f"{args.tp}x{args.pp}x{args.cp}").split(","):
+        args.tp, args.pp, args.cp = (int(x) for x in layout.split("x"))
+        TAG = f"[tp{args.tp} pp{args.pp} cp{args.cp}] "
+        check_layout(args)
+    destroy_distributed()
+
+
+def check_layout(args):
     init_distributed(args.tp, args.pp, args.cp)
     from megatron.core import parallel_state as ps
 
@@ -173,6 +190,7 @@ def main():
     spec = read_model_spec(args.hf_dir)
     multiple = sequence_length_multiple(tp=args.tp, cp=args.cp, sequence_parallel=args.sp)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    INITIAL.clear()
     INITIAL.update({k: v.detach().clone() for k, v in Policy(
         spec, args.hf_dir, dtype=torch.float32, sequence_parallel=args.sp,
         optim=OptimConfig()).hf_weights()})
@@ -193,7 +211,8 @@ def main():
                 exact = run(args, spec, mbs["packed"], s, old_pass="exact")
                 compare(f"packed without old pass scope={scope} rho={ratio}", exact,
                         run(args, spec, mbs["packed"], s, old_pass="skip"), rank)
-    destroy_distributed()
+    dist.barrier()
+    ps.destroy_model_parallel()  # the next layout forms its own groups
 
 
 if __name__ == "__main__":
