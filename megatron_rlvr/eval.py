@@ -48,7 +48,7 @@ def run(cfg) -> int:
 
     from megatron_rlvr.data.dataset import PromptDataset
     from megatron_rlvr.parallel import destroy_distributed, init_distributed
-    from megatron_rlvr.rewards.pool import RewardPool
+    from megatron_rlvr.rewards.scorer import build_scorer
     from megatron_rlvr.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
     if not cfg.data.val_files:
@@ -66,9 +66,7 @@ def run(cfg) -> int:
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager,
         gpu_memory_utilization=r.gpu_memory_utilization))
     try:
-        with RewardPool(cfg.reward.num_workers, cfg.reward.timeout_s,
-                        answer_format=cfg.reward.format, grader=cfg.reward.grader,
-                        memory_limit_mb=cfg.reward.memory_limit_mb) as pool:
+        with build_scorer(cfg.reward, backend="local") as pool:
             metrics = evaluate(engine, dataset, n=e.n, temperature=e.temperature, top_p=e.top_p,
                                max_tokens=e.max_response_length, seed=cfg.trainer.seed,
                                tokenizer=tokenizer, reward_pool=pool, vllm_tp=r.vllm_tp)

@@ -33,7 +33,6 @@ import torch.distributed as dist
 
 from megatron_rlvr import checkpoint as ckpt
 from megatron_rlvr import platform, watchdog
-from megatron_rlvr.algos.dynamic_sampling import GroupAccumulator
 from megatron_rlvr.algos.objective import describe_objective
 from megatron_rlvr.algos.high_entropy import (LossSettings, dapo_loss, select_mini_batch,
                                               token_stats)
@@ -51,8 +50,8 @@ from megatron_rlvr.models.pipeline import local_tokens, sequence_length_multiple
 from megatron_rlvr.models.spec import read_model_spec
 from megatron_rlvr.parallel import destroy_distributed, host_group, init_distributed
 from megatron_rlvr.policy import OptimConfig, Policy
-from megatron_rlvr.rewards.pool import RewardPool
-from megatron_rlvr.rollout.base import RolloutError, SamplingParams
+from megatron_rlvr.rewards.scorer import build_scorer
+from megatron_rlvr.rollout.base import SamplingParams
 from megatron_rlvr.step_rollout import (RolloutNotReady, RolloutProducer, StepBatch,
                                         collect_step)
 
@@ -196,14 +195,7 @@ class Trainer:
         c = self.cfg.reward
         if self.disaggregated and self.rank != 0:
             return None
-        kwargs = dict(answer_format=c.format, grader=c.grader, memory_limit_mb=c.memory_limit_mb)
-        if c.backend == "ray":
-            from megatron_rlvr.rewards.ray_scorer import RayRewardPool
-
-            pool = RayRewardPool(c.ray_actors, c.timeout_s, num_workers_per_actor=c.num_workers,
-                                 ray_address=self.cfg.rollout.ray_address, **kwargs)
-        else:
-            pool = RewardPool(c.num_workers, c.timeout_s, **kwargs)
+        pool = build_scorer(c, ray_address=self.cfg.rollout.ray_address)
         return _Serialized(pool) if self.disaggregated else pool
 
     def _make_fleet(self):
