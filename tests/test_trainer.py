@@ -12,6 +12,7 @@ weight decay as the optimizer's param groups hold them.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def _check_run(out, steps, ratio, units=1):
 
 def _probe(out):
     folder = out / "probe"
-    return [json.load(open(folder / name)) for name in sorted(os.listdir(folder))]
+    return [json.load(open(folder / name)) for name in sorted(os.listdir(folder))
+            if name.startswith("step_")]
 
 
 MAX_RESPONSE, BUFFER = 16, 8  # rollout.max_response_length, algorithm.overlong_buffer_len
@@ -175,6 +177,50 @@ def _check_step(out, model_dir, temperature, ratio, step=1):
     # The selection is discriminating: the entropies near the threshold are spread wider than
     # the tolerance (a near-uniform model's are not; see _make_eos_prone).
     assert top[max(k - 6, 0)] - top[min(k + 5, n - 1)] > 1e-3, top[k - 6:k + 5].tolist()
+
+
+def _selection_pools(out, step):
+    """{mini-batch: [(token ids, prompt length, kept flag of each response token)]} from the
+    probe's selection records (every rank's) of `step`: each sequence recovered from its
+    micro-batch's token ids and response mask (a packed segment or a padded row)."""
+    pools = {}
+    for name in sorted(os.listdir(out / "probe")):
+        m = re.fullmatch(r"select_step_(\d+)_mb_(\d+)_rank_(\d+)\.json", name)
+        if not m or int(m[1]) != step:
+            continue
+        for mb in json.load(open(out / "probe" / name)):
+            ids, resp, keep, cu = mb["input_ids"], mb["response_mask"], mb["keep"], mb["cu_seqlens"]
+            assert not any(k and not r for k, r in zip(keep, resp)), "a kept non-response token"
+            width = mb["row_length"]
+            bounds = list(zip(cu, cu[1:])) if cu else \
+                [(lo, lo + width) for lo in range(0, len(ids), width)]
+            for lo, hi in bounds:
+                pos = [j for j in range(lo, hi) if resp[j]]
+                if pos:  # (a padding-only sequence has none)
+                    pools.setdefault(int(m[2]), []).append(
+                        (ids[lo:pos[-1] + 2], pos[0] - lo + 1, [bool(keep[j]) for j in pos]))
+    return pools
+
+
+def _check_pool_is_top_entropy(pool, model, temperature, ratio):
+    """The kept tokens of one selection pool are its top ⌈ρN⌉ by entropy, recomputed with
+    `model` (transformers, float64) as in `_check_step`."""
+    import torch
+
+    ents, kept = [], []
+    with torch.no_grad():
+        for seq, p, keep in pool:
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0, p - 1:-1] / temperature,
+                                     -1)
+            ents.append(-(logp.exp() * logp).sum(-1))
+            kept += keep
+    ents, kept = torch.cat(ents), torch.tensor(kept)
+    assert ents.numel() == kept.numel()
+    k = math.ceil(Fraction(ratio).limit_denominator(100) * ents.numel())
+    threshold = ents.sort(descending=True).values[k - 1]
+    assert int(kept.sum()) == k, (int(kept.sum()), k, ents.numel())
+    assert ents[kept].min() >= threshold - 2e-5 and ents[~kept].max() <= threshold + 2e-5, \
+        (ents[kept].min().item(), ents[~kept].max().item(), threshold.item())
 
 
 def _kill_processes_with(text: str) -> None:
@@ -337,13 +383,32 @@ def test_eval_cli(setup):
 
 
 def test_pipeline_parallel_global_scope(setup, tmp_path):
-    """PP2: the global threshold's extra forward pass is a pipeline collective on every stage."""
+    """PP2, two mini-batches a step (two selection pools, one update each): the global threshold's
+    extra forward pass is a pipeline collective on every stage. The pools are recovered from the
+    last stage's record: together they hold each of the step's responses once; the first pool
+    (selected with the step's starting weights) keeps exactly its top-ρ tokens by entropy,
+    recomputed with transformers; the second, selected after the first update, keeps ⌈ρN⌉ of its
+    own tokens (its policy exists only inside the run)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     root, cfg = setup
     out = tmp_path / "run"
     _train(2, cfg, out, "parallel.pp=2", "trainer.micro_batch_size=4", "trainer.total_steps=2",
            "trainer.ppo_mini_batch_size=2", "algorithm.entropy_top_scope=global",
-           "checkpoint.save_every=0", timeout=300)
-    _check_run(out, 2, 0.2, units=2)
+           "checkpoint.save_every=0", probe=True, timeout=300)
+    records = _check_run(out, 2, 0.2, units=2)
+    pools = _selection_pools(out, step=1)
+    assert sorted(pools) == [0, 1], sorted(pools)
+    step1 = next(r for r in _probe(out) if r["step"] == 1)
+    expected = sorted(g["prompt_ids"] + r for g in step1["groups"] for r in g["responses"])
+    assert sorted(seq for pool in pools.values() for seq, _, _ in pool) == expected
+    kept = [sum(sum(keep) for _, _, keep in pool) for pool in pools.values()]
+    sizes = [sum(len(keep) for _, _, keep in pool) for pool in pools.values()]
+    assert kept[1] == math.ceil(Fraction(1, 5) * sizes[1]), (kept, sizes)
+    assert records[0]["tokens/kept"] == sum(kept) and records[0]["tokens/response"] == sum(sizes)
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float64).eval()
+    _check_pool_is_top_entropy(pools[0], model, 1.0, 0.2)
 
 
 def test_dynamic_sampling_exhaustion_stops_every_rank(setup, tmp_path):
