@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_rlvr import platform
 from megatron_rlvr.algos.advantages import grpo_advantages
-from megatron_rlvr.generation import Group
 from megatron_rlvr.partition import fixed_plan
+
+if TYPE_CHECKING:  # a type only: batch.py sits below generation.py (no distributed, no rollout)
+    from megatron_rlvr.generation import Group
 
 
 def build_batch(groups: list[Group], *, pad_id: int, length_multiple: int) -> dict[str, torch.Tensor]:
