@@ -4,6 +4,8 @@
 # nodes, one-step-off. Recipe: examples/configs/qwen3_32b_top20_disaggregated.yaml (the split and
 # why: its header); commands, faults and what was not tested: docs/disaggregated.md.
 #
+# 0. One Ray auth token on every node (engine and trainer), at ~/.ray/auth_token: Ray 2.60's
+#    `ray start` requires it when the node has one (docs/disaggregated.md, "The auth token").
 # 1. The engine nodes form a Ray cluster (same image / venv on every node):
 #      first engine node:   ray start --head --port=6379 --num-gpus=8
 #      other engine nodes:  ray start --address=<head>:6379 --num-gpus=8

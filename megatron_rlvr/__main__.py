@@ -147,6 +147,7 @@ def _run_reporting_user_errors(fn, args) -> int:
     """A user's mistake (bad config, missing file, bad row, impossible layout) is one clear line."""
     from megatron_rlvr import safety
     from megatron_rlvr.algos.dynamic_sampling import DynamicSamplingError
+    from megatron_rlvr.ray_cluster import ClusterError
     from megatron_rlvr.rewards.ray_scorer import RewardActorError
     from megatron_rlvr.rollout.base import RolloutError
     from megatron_rlvr.trainer import TrainingAborted
@@ -154,7 +155,7 @@ def _run_reporting_user_errors(fn, args) -> int:
     try:
         return fn(args)
     except (ValueError, OSError, DynamicSamplingError, TrainingAborted, RolloutError,
-            RewardActorError) as e:
+            RewardActorError, ClusterError) as e:
         # ValueError covers ConfigError, CheckpointError, bad rows and undecodable bytes;
         # RolloutError a rollout engine that failed, died or stopped answering (named in it).
         if os.environ.get(safety.DEBUG_ENV) or (isinstance(e, OSError)

@@ -4,6 +4,13 @@
 otherwise ("auto", host:port) an existing cluster is joined and left running. The torchrun rank
 that calls this passes its environment on to the Ray workers a local cluster starts; the actors
 remove the torch.distributed variables themselves (see `clean_worker_env`).
+
+Joining by address: `ray start` (Ray 2.5x and later) turns on token authentication, and a driver
+that does not present the token is refused with nothing but "Failed to connect". When
+RAY_AUTH_MODE is not set and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
+~/.ray/auth_token, which `ray start --head` writes), the join presents it; a cluster started
+without authentication accepts such a driver too. A join that fails names the address and the
+token as the likely cause (`ClusterError`), instead of Ray's traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +20,10 @@ import os
 
 _started_here = False
 _users = 0
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster could not be joined; the message says where and what to check."""
 
 # Variables by which torchrun and torch.distributed tell a process it is a rank: an engine actor
 # that inherited them would believe it is one (vLLM reads WORLD_SIZE, RANK, LOCAL_RANK).
@@ -40,13 +51,58 @@ def acquire(address: str = "", num_cpus: float | None = None) -> None:
         return
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, **quiet)
+        _join(address, quiet)
         return
     cpus = max(float(os.cpu_count() or 1), num_cpus or 0.0)
     # address="local": a RAY_ADDRESS left in the environment must not redirect the start.
     ray.init(address="local", num_cpus=int(-(-cpus // 1)), **quiet)
     _started_here = True
     atexit.register(_shutdown)
+
+
+def _auth_token_source() -> str | None:
+    """Where a Ray auth token is for this process, if anywhere (Ray's own lookup order)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"),
+                 os.path.join(os.path.expanduser("~"), ".ray", "auth_token")):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+def _enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process. Ray reads its config once, at import: setting the
+    variable afterwards is not enough, so this uses Ray's own switch (what `ray start` calls when
+    it finds a token), which also reloads the config."""
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # another Ray layout: the variable still works before Ray's config loads
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return
+    _enable_token_auth()
+
+
+def _join(address: str, quiet: dict) -> None:
+    import ray
+
+    token = _auth_token_source()
+    if token and not os.environ.get("RAY_AUTH_MODE"):
+        _enable_token_auth()
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError) as e:
+        global _users
+        _users -= 1
+        mode = os.environ.get("RAY_AUTH_MODE") or "not set"
+        raise ClusterError(
+            f"could not join the Ray cluster at rollout.ray_address={address!r}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. Check that `ray start` "
+            f"runs on this node (a driver joining by address needs a raylet on its own machine) "
+            f"and that the address is the head's; a cluster that `ray start` made requires its "
+            f"auth token (RAY_AUTH_MODE={mode}, token: "
+            f"{token or 'none found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token'}; "
+            f"copy the head's ~/.ray/auth_token to every node)") from None
 
 
 def release() -> None:
