@@ -145,7 +145,7 @@ def _main(argv: list) -> int:
 
 def _run_reporting_user_errors(fn, args) -> int:
     """A user's mistake (bad config, missing file, bad row, impossible layout) is one clear line."""
-    from megatron_rlvr import safety
+    from megatron_rlvr import safety, watchdog
     from megatron_rlvr.algos.dynamic_sampling import DynamicSamplingError
     from megatron_rlvr.ray_cluster import ClusterError
     from megatron_rlvr.rewards.ray_scorer import RewardActorError
@@ -163,6 +163,15 @@ def _run_reporting_user_errors(fn, args) -> int:
             raise
         print(f"megatron_rlvr {args.command}: error: {safety.one_line(e)} (set "
               f"{safety.DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as e:
+        # A peer rank ended first (its own error, printed by it, is the cause).
+        if not watchdog.peer_gone(e) or os.environ.get(safety.DEBUG_ENV):
+            raise
+        print(f"megatron_rlvr {args.command}: error: rank {os.environ.get('RANK', '?')}: another "
+              f"rank ended first and closed a collective; its own error (above, or in its node's "
+              f"log) is the cause: {safety.one_line(e)[:300]} (set {safety.DEBUG_ENV}=1 for the "
+              "traceback)", file=sys.stderr, flush=True)
         return 2
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
+import time
 
 _started_here = False
 _users = 0
@@ -83,9 +85,32 @@ def _enable_token_auth() -> None:
     _enable_token_auth()
 
 
+def _check_reachable(address: str, wait_s: float = 30.0) -> None:
+    """A host:port that nothing answers on fails here, in seconds: Ray's own join retries the
+    GCS for minutes (the stall watchdog would be the first to speak). "auto" is Ray's to resolve."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    deadline = time.monotonic() + wait_s  # the head may still be starting
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                global _users
+                _users -= 1
+                raise ClusterError(
+                    f"nothing answers at rollout.ray_address={address!r} ({e.strerror or e}) "
+                    f"after {wait_s:.0f} s: is the Ray head started there (`ray start --head "
+                    f"--port={port}`), and is the address the head's?") from None
+            time.sleep(1.0)
+
+
 def _join(address: str, quiet: dict) -> None:
     import ray
 
+    _check_reachable(address)
     token = _auth_token_source()
     if token and not os.environ.get("RAY_AUTH_MODE"):
         _enable_token_auth()

@@ -49,6 +49,16 @@ def progress() -> None:
     _progress += 1
 
 
+# What a collective raises on a rank whose peer process has ended (gloo, NCCL): that peer's own
+# error is the cause, this rank's traceback only repeats it.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "remote process exited", "NCCL communicator was aborted")
+
+
+def peer_gone(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_GONE)
+
+
 def heartbeat_interval(timeout_s: float) -> float:
     return min(30.0, max(0.5, timeout_s / 5))
 

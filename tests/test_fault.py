@@ -82,3 +82,36 @@ def test_watchdog_quiet_after_a_clean_finish():
     assert rc == 0, out[-4000:]
     assert sorted(re.findall(r"FINISHED rank=(\d)\n", out)) == ["0", "1", "2"]
     assert "[watchdog]" not in out
+
+
+PEER = """
+import os, sys, torch, torch.distributed as dist
+from megatron_rlvr import watchdog
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}",
+                        rank=int(sys.argv[2]), world_size=2)
+if int(sys.argv[2]) == 0:
+    os._exit(0)  # ends without a word, as a rank does after printing its own error
+try:
+    dist.broadcast(torch.zeros(1), src=0)
+except RuntimeError as e:
+    print("peer_gone", watchdog.peer_gone(e), type(e).__name__)
+"""
+
+
+def test_a_collective_whose_peer_ended_is_recognised():
+    """What gloo raises on a rank whose peer process ended is what `watchdog.peer_gone` matches:
+    the CLI then prints one line pointing at the peer's error instead of a traceback (rank 0's
+    one-line error, then every other rank's traceback, was the output of a refused Ray join)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, str(port), str(r)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert "peer_gone True" in outs[1], outs[1][-3000:]
+    assert not watchdog.peer_gone(RuntimeError("CUDA out of memory"))
+    assert not watchdog.peer_gone(ValueError("Connection closed by peer"))

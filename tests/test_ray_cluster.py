@@ -5,7 +5,8 @@ Ray 2.60's `ray start` turns token authentication on when the node has a token (
 which any local `ray.init()` writes, or `ray get-auth-token --generate`); a driver joining by
 address does not present it unless RAY_AUTH_MODE=token, and gets only "Failed to connect".
 `ray_cluster.acquire` presents the token it finds without the user setting RAY_AUTH_MODE; without
-a token the join fails in a `ClusterError` that names the address and the token. Each driver runs in its own
+a token the join fails in a `ClusterError` that names the address and the token. An address nothing answers on is
+refused within seconds, not after Ray's minutes of retries. Each driver runs in its own
 process (a driver stays connected until it exits); HOME is a temporary folder, so the test never
 reads or writes the user's own ~/.ray.
 """
@@ -39,12 +40,17 @@ ray_cluster.release()  # joined, not started here: the cluster stays up
 """
 
 
-def _driver(address, home, **env):
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("RAY_") or k == "RAY_USAGE_STATS_ENABLED"}
-    return subprocess.run([sys.executable, "-c", DRIVER, address], cwd=ROOT, text=True,
-                          capture_output=True, timeout=240,
-                          env={**clean, "HOME": str(home), "PYTHONPATH": str(ROOT), **env})
+def _driver(address, home, wait=True):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, address], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**clean, "HOME": str(home), "PYTHONPATH": str(ROOT)})
+    return _finish(proc) if wait else proc
+
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=240)
+    return proc.returncode, out
 
 
 def test_join_by_address_presents_the_token_or_names_it():
@@ -55,7 +61,13 @@ def test_join_by_address_presents_the_token_or_names_it():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens here once this socket is closed
     address = f"127.0.0.1:{port}"
+    # A typo'd or dead address: refused after the reachability wait (30 s), not after Ray's
+    # minutes of retries. Runs beside the rest.
+    nobody = _driver(f"127.0.0.1:{closed}", home, wait=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     subprocess.run([ray_bin, "get-auth-token", "--generate"], env={**env, "HOME": home},
@@ -68,15 +80,16 @@ def test_join_by_address_presents_the_token_or_names_it():
                             env={**env, "HOME": home}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        joined = _driver(address, home)
-        assert joined.returncode == 0, (joined.stdout + joined.stderr)[-3000:]
-        assert "auth token cpus 1.0" in joined.stdout and "task 42" in joined.stdout, joined.stdout
-        refused = _driver(address, empty)
-        assert refused.returncode == 3, (refused.stdout + refused.stderr)[-3000:]
-        msg = refused.stdout
+        rc, out = _driver(address, home)
+        assert rc == 0 and "auth token cpus 1.0" in out and "task 42" in out, out[-3000:]
+        rc, msg = _driver(address, empty)
+        assert rc == 3, msg[-3000:]
         assert f"rollout.ray_address='{address}'" in msg and "auth token" in msg, msg
         assert "none found" in msg, msg
         assert head.poll() is None, "a driver's release stopped the cluster it only joined"
+        rc, msg = _finish(nobody)
+        assert rc == 3 and f"nothing answers at rollout.ray_address='127.0.0.1:{closed}'" in msg, \
+            msg[-3000:]
     finally:
         head.terminate()  # --block: ray start stops what it started
         try:
