@@ -100,7 +100,9 @@ def ray_commands(ray_address: str, gpus_per_node: int) -> list[str]:
     host, _, port = ray_address.rpartition(":") if ":" in ray_address else ("", "", "")
     head = f"{host}:{port}" if host and port.isdigit() else "$RAY_HEAD:6379"
     port = port if host and port.isdigit() else "6379"
-    return [f"first engine node:   ray start --head --port={port} --num-gpus={gpus_per_node}",
+    return ["every node first:    the same Ray auth token at ~/.ray/auth_token "
+            "(ray get-auth-token --generate once, then copy; docs/disaggregated.md)",
+            f"first engine node:   ray start --head --port={port} --num-gpus={gpus_per_node}",
             f"other engine nodes:  ray start --address={head} --num-gpus={gpus_per_node}",
             f"trainer node 0:      ray start --address={head} --num-gpus=0 --num-cpus=0"]
 

@@ -5,10 +5,10 @@ otherwise ("auto", host:port) an existing cluster is joined and left running. Th
 that calls this passes its environment on to the Ray workers a local cluster starts; the actors
 remove the torch.distributed variables themselves (see `clean_worker_env`).
 
-Joining by address: `ray start` (Ray 2.5x and later) turns on token authentication, and a driver
-that does not present the token is refused with nothing but "Failed to connect". When
-RAY_AUTH_MODE is not set and a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
-~/.ray/auth_token, which `ray start --head` writes), the join presents it; a cluster started
+Joining by address: Ray 2.60's `ray start` turns token authentication on when its node holds a
+token (~/.ray/auth_token: any local `ray.init()` writes one), and a driver that does not present
+it is refused with nothing but "Failed to connect". When RAY_AUTH_MODE is not set and a token is
+at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), the join presents it; a cluster
 without authentication accepts such a driver too. A join that fails names the address and the
 token as the likely cause (`ClusterError`), instead of Ray's traceback.
 """
