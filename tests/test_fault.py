@@ -98,6 +98,7 @@ except RuntimeError as e:
 """
 
 
+@pytest.mark.slow
 def test_a_collective_whose_peer_ended_is_recognised():
     """What gloo raises on a rank whose peer process ended is what `watchdog.peer_gone` matches:
     the CLI then prints one line pointing at the peer's error instead of a traceback (rank 0's
